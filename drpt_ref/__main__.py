@@ -1,0 +1,7 @@
+"""`python -m drpt_ref ...` is the same as the `drpt` command."""
+
+import sys
+
+from drpt_ref.cli import main
+
+sys.exit(main())

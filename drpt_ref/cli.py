@@ -1,0 +1,48 @@
+"""`drpt`: the command line of drpt_ref, one subcommand per job.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and
+`run(args) -> int`; the table below maps the command name to that module, and the module is
+imported only when its command runs (so `drpt --help` stays fast).
+
+    drpt spectrum      every projection of the family on one synthetic problem, checked against cvxpy
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help). Add a line here when a new job gets a command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "spectrum": ("drpt_ref.spectrum_demo", "every projection of the family on one synthetic problem, vs cvxpy"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drpt",
+        description="Data-Regularized Post-Training (Dr. Post-Training): reference implementation.",
+        epilog="Run `drpt COMMAND --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_line) in COMMANDS.items():
+        sub.add_parser(name, help=help_line, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"drpt {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The result type of every projection, and the checks on its input (K, b, c).
+
+A projection returns the update direction as coefficients, never as a p-vector:
+
+    d = alpha * g_T + G w                                   # eq. (1) in theory/notation.md
+    objective = 1/2 ||d - g_T||^2
+              = 1/2 w^T K w - (1 - alpha) b^T w + 1/2 (1 - alpha)^2 c     # eq. (2)
+
+with K = G^T G, b = G^T g_T, c = ||g_T||^2. Eq. (2) is how every solver reports its objective,
+so objectives are comparable across methods, solvers and devices.
+
+Shapes:
+    K (n, n), b (n,), c scalar          single problem (numpy arrays or torch tensors)
+    K (B, n, n), b (B, n), c (B,)       batched problems (torch tensors, `project_batched`)
+    Direction.alpha ()/(B,), weights (n,)/(B, n), objective ()/(B,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+# Relative tolerances for refusing input, by dtype: a Gram matrix computed in that precision has
+# asymmetry and negative eigenvalues of order n * eps * ||K||; we refuse only what is far beyond it
+# (n <= 1e4 and a safety factor of 100 give 1e-10 in float64, 1e-3 in float32 or lower).
+SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+PSD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-3}
+
+
+@dataclass
+class Direction:
+    """d = alpha * g_T + G w, with its objective 1/2 ||d - g_T||^2 and the solver's certificate.
+
+    info holds at least: method, solver, converged (bool or (B,) mask), iterations, certificate
+    (KKT residual or Frank-Wolfe gap, scaled as documented by the solver) and certificate_kind.
+    """
+
+    alpha: Any  # scalar, or (B,)
+    weights: Any  # (n,), or (B, n)
+    objective: Any  # scalar, or (B,)
+    info: dict = field(default_factory=dict)
+
+
+def gram_objective(K, b, c, alpha, w):
+    """Eq. (2): 1/2 ||alpha g_T + G w - g_T||^2 from the Gram quantities (numpy, one problem)."""
+    beta = 1.0 - alpha
+    return 0.5 * float(w @ K @ w) - beta * float(b @ w) + 0.5 * beta * beta * float(c)
+
+
+def _kind_of(x):
+    """('numpy', dtype, None) or ('torch', dtype, device), to return results as they came in."""
+    if isinstance(x, torch.Tensor):
+        return ("torch", x.dtype, x.device)
+    return ("numpy", np.asarray(x).dtype, None)
+
+
+def to_float64(name: str, x) -> np.ndarray:
+    """Convert an array-like argument to a float64 numpy array, refusing NaN, inf and non-numbers."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError(f"{name} is complex; pass a real tensor.")
+        arr = x.detach().to("cpu", torch.float64).numpy()
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a real array or tensor, got {type(x).__name__}.") from exc
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(
+            f"{name} contains NaN or inf; check the gradients it was computed from "
+            "(a diverged loss, or a token mask that divides by zero)."
+        )
+    return arr
+
+
+def check_gram(K, b, c, batched: bool = False):
+    """Validate (K, b, c) and return float64 numpy copies plus the input kind of K.
+
+    Refuses, with the argument named: wrong shapes, n = 0, NaN/inf, K not symmetric, and a joint
+    Gram [[c, b^T], [b, K]] of (g_T, G) that is not PSD beyond PSD_RTOL (this catches a K that is
+    not PSD, c < 0, and b that did not come from the same G and g_T).
+    """
+    kind = _kind_of(K)
+    dtype = kind[1] if kind[0] == "torch" else torch.float64
+    dtype = dtype if dtype in SYMMETRY_RTOL else torch.float32  # half precisions: float32 tolerances
+    K64, b64, c64 = to_float64("K", K), to_float64("b", b), to_float64("c", c)
+    lead = 1 if batched else 0
+    if K64.ndim != 2 + lead or K64.shape[-1] != K64.shape[-2]:
+        want = "(B, n, n)" if batched else "(n, n)"
+        raise ValueError(f"K must have shape {want} (a square Gram matrix G^T G), got {tuple(K64.shape)}.")
+    n = K64.shape[-1]
+    if n == 0:
+        raise ValueError("K is empty (n = 0 general samples): a projection needs at least one general gradient.")
+    if b64.shape != K64.shape[:-1]:
+        want = "(B, n)" if batched else "(n,)"
+        raise ValueError(f"b must have shape {want} = {K64.shape[:-1]} to match K, got {tuple(b64.shape)}.")
+    if c64.shape != K64.shape[:-2]:
+        want = "(B,)" if batched else "a scalar"
+        raise ValueError(f"c = ||g_T||^2 must be {want}, got shape {tuple(c64.shape)}.")
+    Kb = K64.reshape(-1, n, n)  # (B, n, n)
+    bb = b64.reshape(-1, n)  # (B, n)
+    cb = c64.reshape(-1)  # (B,)
+    scale = np.maximum(np.abs(Kb).max(axis=(1, 2)), np.abs(cb))  # (B,)
+    scale = np.where(scale > 0, scale, 1.0)
+    asym = np.abs(Kb - Kb.transpose(0, 2, 1)).max(axis=(1, 2)) / scale  # (B,)
+    if np.any(asym > SYMMETRY_RTOL[dtype]):
+        raise ValueError(
+            f"K is not symmetric (max |K - K^T| / max|K| = {asym.max():.2e} > {SYMMETRY_RTOL[dtype]:.0e}); "
+            "pass K = G^T G, or symmetrize it with (K + K^T) / 2."
+        )
+    J = np.zeros((Kb.shape[0], n + 1, n + 1))  # (B, n+1, n+1) joint Gram of (g_T, G)
+    J[:, 0, 0] = cb
+    J[:, 0, 1:] = bb
+    J[:, 1:, 0] = bb
+    J[:, 1:, 1:] = 0.5 * (Kb + Kb.transpose(0, 2, 1))
+    tol = PSD_RTOL[dtype] * (n + 1)
+    eig_K = np.linalg.eigvalsh(J[:, 1:, 1:])[:, 0] / scale  # (B,)
+    if np.any(eig_K < -tol):
+        raise ValueError(
+            f"K is not PSD (min eigenvalue / max|K| = {eig_K.min():.2e}); K must be a Gram matrix: "
+            "compute K = G^T G from the per-sample gradients."
+        )
+    eig_J = np.linalg.eigvalsh(J)[:, 0] / scale  # (B,)
+    if np.any(eig_J < -tol):
+        raise ValueError(
+            f"b and c do not match K: the joint Gram [[c, b^T], [b, K]] of (g_T, G) has min eigenvalue / scale "
+            f"= {eig_J.min():.2e} < 0; compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T."
+        )
+    return 0.5 * (K64 + np.swapaxes(K64, -1, -2)), b64, c64, kind
+
+
+def as_input_kind(x, kind):
+    """Return float64 numpy x converted back to the kind (numpy/torch, dtype, device) of the input."""
+    if kind[0] == "torch":
+        return torch.as_tensor(np.asarray(x), dtype=torch.float64).to(device=kind[2], dtype=kind[1])
+    dtype = kind[1] if np.issubdtype(kind[1], np.floating) else np.dtype(np.float64)
+    return np.asarray(x, dtype=dtype) if np.ndim(x) else dtype.type(x)
