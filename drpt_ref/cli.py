@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `drpt COMMAND --help` for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_line) in COMMANDS.items():
+    for name, (_module, help_line) in COMMANDS.items():
         sub.add_parser(name, help=help_line, add_help=False)
     return parser
 

@@ -1,0 +1,120 @@
+"""The definition of every method: an explicit convex program in the sample weights w, in cvxpy.
+
+This file is the reference the fast solvers are checked against, written to be read. Each
+program is the Gram form of a projection (theory/notation.md, eq. (2)):
+
+    minimize_w   1/2 w^T K w - b^T w + 1/2 c          ( = 1/2 ||G w - g_T||^2 )
+    subject to   w in W_method
+
+except three that say something else on purpose: `topk` is the linear program of hard
+selection (theory/topk.md, eq. (1)), `softmax` the entropy-regularized linear program
+(theory/softmax.md, eq. (1)), and the three endpoint/ball methods carry a coefficient alpha on
+g_T, d = alpha g_T + G w.
+
+The programs are written in the primal, with the vectors themselves: a factor F of the joint
+Gram J = [[c, b^T], [b, K]] holds g_T and the columns of G in coordinates of their span
+(`gram_factor`), so 1/2 ||G w - g_T||^2 is literally `sum_squares(F_G @ w - f_T) / 2`. This is
+both the most readable form and the best conditioned one for the interior-point solver.
+
+`solve_cvxpy` solves a program with Clarabel (an interior-point method) at tight tolerances and
+returns (alpha, w, info). It is slow (milliseconds per problem); it is the oracle, not the solver.
+
+Shapes: K (n, n), b (n,), c scalar; variables w (n,), alpha scalar.
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+
+from drpt_ref.direction import check_gram
+from drpt_ref.methods import check_params
+
+# Clarabel's defaults stop at 1e-8 relative gap; the references must be an order of magnitude
+# better than the 1e-7 agreement we test, so we ask for 1e-10 (reached in ~20-40 iterations).
+CLARABEL_OPTIONS = dict(tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, max_iter=400)
+
+
+def gram_factor(K, b, c) -> np.ndarray:
+    """F (r, n+1) with F^T F = J = [[c, b^T], [b, K]], the joint Gram of the columns (g_T, G).
+
+    The Gram matrix fixes the vectors up to a rotation: the columns of F are g_T, g_1, ..., g_n
+    written in coordinates of their r-dimensional span (eq. (5) in theory/notation.md). Any
+    program over d in span(g_T, G) can therefore be written with F in place of [g_T, G].
+    """
+    n = K.shape[0]
+    J = np.empty((n + 1, n + 1))  # (n+1, n+1)
+    J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
+    lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
+    keep = lam > lam.max() * 1e-15 * (n + 1) if lam.max() > 0 else np.zeros_like(lam, dtype=bool)
+    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r; round-off eigenvalues dropped
+
+
+def cvxpy_program(K, b, c, method: str, **params) -> cp.Problem:
+    """Build (do not solve) the convex program that defines `method` on (K, b, c).
+
+    The variable holding the sample weights is named "w"; methods with a coefficient on g_T also
+    have a variable "alpha". Accepts numpy arrays or torch tensors; the program is in float64.
+    """
+    K, b, c, _ = check_gram(K, b, c)
+    n = K.shape[0]
+    params = check_params(method, params, n)
+    F = gram_factor(K, b, c)  # (r, n+1): columns are g_T, g_1..g_n in coordinates of their span
+    f_T, F_G = F[:, 0], F[:, 1:]  # (r,), (r, n)
+    w = cp.Variable(n, name="w")
+    residual = 0.5 * cp.sum_squares(F_G @ w - f_T)  # 1/2 ||G w - g_T||^2, eq. (2) in theory/notation.md
+    uniform = np.full(n, 1.0 / n)
+
+    if method in ("target", "mean", "mix", "ball"):
+        alpha = cp.Variable(name="alpha")
+        objective = cp.Minimize(0.5 * cp.sum_squares(alpha * f_T + F_G @ w - f_T))  # 1/2 ||d - g_T||^2
+        if method == "target":  # eq. (1) in theory/endpoints.md: C = R^p, d = g_T
+            constraints = [alpha == 1.0, w == 0.0]
+        elif method == "mean":  # eq. (2) in theory/endpoints.md: C = {G 1/n}
+            constraints = [alpha == 0.0, w == uniform]
+        elif method == "mix":  # eq. (3) in theory/endpoints.md: C = {lam g_T + (1 - lam) G 1/n}
+            lam = params["lam"]
+            constraints = [alpha == lam, w == (1.0 - lam) * uniform]
+        else:  # eq. (1) in theory/ball.md: ||d - G 1/n|| <= radius, d in span(g_T, G)
+            constraints = [cp.norm(alpha * f_T + F_G @ (w - uniform)) <= params["radius"]]
+        return cp.Problem(objective, constraints)
+
+    if method == "topk":  # eq. (1) in theory/topk.md: the LP relaxation of hard selection
+        cap = 1.0 / params["k"]
+        return cp.Problem(cp.Maximize(b @ w), [w >= 0, w <= cap, cp.sum(w) == 1])
+    if method == "capped_simplex":  # eq. (1) in theory/capped_simplex.md
+        cap = 1.0 / params["k"]
+        return cp.Problem(cp.Minimize(residual), [w >= 0, w <= cap, cp.sum(w) == 1])
+    if method == "simplex":  # eq. (1) in theory/simplex.md: the convex hull of the columns of G
+        return cp.Problem(cp.Minimize(residual), [w >= 0, cp.sum(w) == 1])
+    if method == "softmax":  # eq. (1) in theory/softmax.md: max b^T w - tau KL(w || 1/n)
+        tau = params["tau"]
+        kl_to_uniform = -cp.sum(cp.entr(w)) + np.log(n)  # sum w log(n w) when sum w = 1
+        return cp.Problem(cp.Maximize(b @ w - tau * kl_to_uniform), [cp.sum(w) == 1])
+    if method == "cone":  # eq. (1) in theory/cone.md: the cone generated by the columns of G
+        return cp.Problem(cp.Minimize(residual), [w >= 0])
+    # method == "subspace": eq. (1) in theory/subspace.md: span(G), ridge pulls w toward 1/n
+    ridge = params["ridge"]
+    return cp.Problem(cp.Minimize(residual + 0.5 * ridge * cp.sum_squares(w - uniform)))
+
+
+def solve_cvxpy(K, b, c, method: str, **params):
+    """Solve `cvxpy_program` with Clarabel; return (alpha, w, info) in float64 numpy."""
+    problem = cvxpy_program(K, b, c, method, **params)
+    try:
+        problem.solve(solver=cp.CLARABEL, **CLARABEL_OPTIONS)
+    except cp.error.SolverError:  # a too-tight tolerance can stall; retry at Clarabel's defaults
+        problem.solve(solver=cp.CLARABEL)
+    variables = {v.name(): v for v in problem.variables()}
+    w = np.asarray(variables["w"].value, dtype=np.float64).reshape(-1)  # (n,)
+    alpha = float(variables["alpha"].value) if "alpha" in variables else 0.0
+    info = {
+        "solver": "cvxpy",
+        "status": problem.status,
+        "converged": problem.status == cp.OPTIMAL,
+        "iterations": problem.solver_stats.num_iters,
+        "program_value": float(problem.value),
+        "certificate": float("nan"),
+        "certificate_kind": "interior_point_status",
+    }
+    return alpha, w, info
