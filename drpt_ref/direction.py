@@ -50,6 +50,21 @@ def gram_objective(K, b, c, alpha, w):
     return 0.5 * float(w @ K @ w) - beta * float(b @ w) + 0.5 * beta * beta * float(c)
 
 
+def gram_factor(K, b, c) -> np.ndarray:
+    """F (r, n+1) with F^T F = J = [[c, b^T], [b, K]], the joint Gram of the columns (g_T, G).
+
+    The Gram matrix fixes the vectors up to a rotation: the columns of F are g_T, g_1, ..., g_n
+    written in coordinates of their r-dimensional span (eq. (5) in theory/notation.md). Any
+    program over d in span(g_T, G) can therefore be written with F in place of [g_T, G].
+    """
+    n = K.shape[0]
+    J = np.empty((n + 1, n + 1))  # (n+1, n+1)
+    J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
+    lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
+    keep = lam > lam.max() * 1e-15 * (n + 1) if lam.max() > 0 else np.zeros_like(lam, dtype=bool)
+    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r; round-off eigenvalues dropped
+
+
 def _kind_of(x):
     """('numpy', dtype, None) or ('torch', dtype, device), to return results as they came in."""
     if isinstance(x, torch.Tensor):

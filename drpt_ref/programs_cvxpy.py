@@ -27,27 +27,12 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from drpt_ref.direction import check_gram
+from drpt_ref.direction import check_gram, gram_factor
 from drpt_ref.methods import check_params
 
 # Clarabel's defaults stop at 1e-8 relative gap; the references must be an order of magnitude
 # better than the 1e-7 agreement we test, so we ask for 1e-10 (reached in ~20-40 iterations).
 CLARABEL_OPTIONS = dict(tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, max_iter=400)
-
-
-def gram_factor(K, b, c) -> np.ndarray:
-    """F (r, n+1) with F^T F = J = [[c, b^T], [b, K]], the joint Gram of the columns (g_T, G).
-
-    The Gram matrix fixes the vectors up to a rotation: the columns of F are g_T, g_1, ..., g_n
-    written in coordinates of their r-dimensional span (eq. (5) in theory/notation.md). Any
-    program over d in span(g_T, G) can therefore be written with F in place of [g_T, G].
-    """
-    n = K.shape[0]
-    J = np.empty((n + 1, n + 1))  # (n+1, n+1)
-    J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
-    lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
-    keep = lam > lam.max() * 1e-15 * (n + 1) if lam.max() > 0 else np.zeros_like(lam, dtype=bool)
-    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r; round-off eigenvalues dropped
 
 
 def cvxpy_program(K, b, c, method: str, **params) -> cp.Problem:

@@ -1,0 +1,70 @@
+"""Projection onto the cone and onto the span of the general gradients, exactly, from K, b, c.
+
+    cone:      minimize_w 1/2 ||G w - g_T||^2  s.t. w >= 0              eq. (1) in theory/cone.md
+    subspace:  minimize_w 1/2 ||G w - g_T||^2 + ridge/2 ||w - 1/n||^2    eq. (1) in theory/subspace.md
+
+Both are solved on the Gram factor F = [f_T, F_G] (r, n+1), F^T F = [[c, b^T], [b, K]]
+(`gram_factor`, eq. (5) in theory/notation.md): its columns are g_T and the g_i written in
+coordinates of their span, so the p-dimensional problems become r-dimensional ones with the same
+solutions, r <= n + 1.
+
+- cone: nonnegative least squares min ||F_G w - f_T|| s.t. w >= 0 by Lawson-Hanson (scipy's
+  `nnls`), a finite active-set method (eq. (3) in theory/cone.md). Certificate: the relative
+  natural KKT residual ||min(L w, K w - b)||_inf / (||b||_inf + L ||w||_inf), eq. (2).
+- subspace: ridge = 0 is least squares min ||F_G w - f_T|| (minimum-norm w; eq. (3) in
+  theory/subspace.md); ridge > 0 is the linear system (K + ridge I) w = b + ridge/n 1 (eq. (4)).
+  Certificate: the relative residual of the normal equations.
+
+Shapes: K (n, n), b (n,), c scalar -> w (n,).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import nnls
+
+from drpt_ref.direction import gram_factor
+
+_TINY = np.finfo(float).tiny
+
+
+def solve_cone(K, b, c, max_iter: int | None = None, tol: float = 1e-10):
+    """Lawson-Hanson NNLS on the Gram factor; returns (0, w, info)."""
+    n = K.shape[0]
+    F = gram_factor(K, b, c)  # (r, n+1)
+    f_T, F_G = F[:, 0], F[:, 1:]  # (r,), (r, n)
+    max_iter = 50 * n + 100 if max_iter is None else max_iter
+    try:
+        w, _ = nnls(F_G, f_T, maxiter=max_iter)  # (n,)
+        hit_limit = False
+    except RuntimeError:  # older scipy raises when maxiter is reached
+        w, hit_limit = np.zeros(n), True
+    L = float(np.linalg.eigvalsh(K)[-1]) if n else 0.0
+    r = K @ w - b  # (n,) gradient; KKT: w >= 0, r >= 0, w * r = 0
+    kkt = np.abs(np.minimum(L * w, r)).max() / (np.abs(b).max() + L * np.abs(w).max() + _TINY)  # eq. (2)
+    info = {
+        "converged": bool(kkt <= tol and not hit_limit),
+        "iterations": max_iter if hit_limit else None,
+        "certificate": float(kkt),
+        "certificate_kind": "kkt_residual",
+    }
+    return 0.0, w, info
+
+
+def solve_subspace(K, b, c, ridge: float = 0.0, tol: float = 1e-10):
+    """Least squares on the Gram factor (ridge = 0) or the ridge system; returns (0, w, info)."""
+    n = K.shape[0]
+    if ridge > 0.0:
+        A = K + ridge * np.eye(n)  # (n, n) positive definite
+        rhs = b + ridge / n  # (n,) eq. (4) in theory/subspace.md
+        w = np.linalg.solve(A, rhs)
+        resid = np.abs(A @ w - rhs).max() / (np.abs(A).max() * np.abs(w).max() + np.abs(rhs).max() + _TINY)
+    else:
+        F = gram_factor(K, b, c)  # (r, n+1)
+        f_T, F_G = F[:, 0], F[:, 1:]
+        w = np.linalg.lstsq(F_G, f_T, rcond=None)[0]  # (n,) minimum-norm, eq. (3) in theory/subspace.md
+        # normal equations K w = b, relative to the size of the terms (b lies in range(K))
+        resid = np.abs(K @ w - b).max() / (np.abs(K).max() * np.abs(w).max() + np.abs(b).max() + _TINY)
+    info = {"converged": bool(resid <= tol), "iterations": 0, "certificate": float(resid),
+            "certificate_kind": "normal_equations_residual"}
+    return 0.0, w, info
