@@ -60,13 +60,10 @@ def solve_topk(K, b, c, k: int):
     """Hard selection: the vertex of the capped simplex that maximizes b^T w (eq. (3) in theory/topk.md)."""
     w = np.zeros(K.shape[0])
     w[topk_indices(b, k)] = 1.0 / k
-    return 0.0, w, _closed_info(program_value=float(b @ w))
+    return 0.0, w, _closed_info()
 
 
 def solve_softmax(K, b, c, tau: float):
     """Entropic reweighting: w = softmax(b / tau) maximizes b^T w - tau KL(w || 1/n) (eq. (3) in theory/softmax.md)."""
-    n = K.shape[0]
-    log_w = log_softmax(b / tau)  # (n,) stable for small tau
-    w = np.exp(log_w)
-    kl = float(np.sum(w * (log_w + np.log(n))))  # KL(w || 1/n) = sum w log(n w)
-    return 0.0, w, _closed_info(program_value=float(b @ w) - tau * kl)
+    w = np.exp(log_softmax(b / tau))  # (n,) stable for small tau
+    return 0.0, w, _closed_info()

@@ -3,7 +3,7 @@
     cone:      minimize_w 1/2 ||G w - g_T||^2  s.t. w >= 0              eq. (1) in theory/cone.md
     subspace:  minimize_w 1/2 ||G w - g_T||^2 + ridge/2 ||w - 1/n||^2    eq. (1) in theory/subspace.md
 
-Both are solved on the Gram factor F = [f_T, F_G] (r, n+1), F^T F = [[c, b^T], [b, K]]
+The cone is solved on the Gram factor F = [f_T, F_G] (r, n+1), F^T F = [[c, b^T], [b, K]]
 (`gram_factor`, eq. (5) in theory/notation.md): its columns are g_T and the g_i written in
 coordinates of their span, so the p-dimensional problems become r-dimensional ones with the same
 solutions, r <= n + 1.
@@ -11,7 +11,8 @@ solutions, r <= n + 1.
 - cone: nonnegative least squares min ||F_G w - f_T|| s.t. w >= 0 by Lawson-Hanson (scipy's
   `nnls`), a finite active-set method (eq. (3) in theory/cone.md). Certificate: the relative
   natural KKT residual ||min(L w, K w - b)||_inf / (||b||_inf + L ||w||_inf), eq. (2).
-- subspace: ridge = 0 is least squares min ||F_G w - f_T|| (minimum-norm w; eq. (3) in
+- subspace: ridge = 0 is the minimum-norm solution w = K^+ b of the normal equations, from the
+  eigendecomposition of K with round-off eigenvalues treated as zero (eq. (3) in
   theory/subspace.md); ridge > 0 is the linear system (K + ridge I) w = b + ridge/n 1 (eq. (4)).
   Certificate: the relative residual of the normal equations.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import nnls
 
-from drpt_ref.direction import gram_factor
+from drpt_ref.direction import gram_factor, numerical_null
 
 _TINY = np.finfo(float).tiny
 
@@ -60,9 +61,9 @@ def solve_subspace(K, b, c, ridge: float = 0.0, tol: float = 1e-10):
         w = np.linalg.solve(A, rhs)
         resid = np.abs(A @ w - rhs).max() / (np.abs(A).max() * np.abs(w).max() + np.abs(rhs).max() + _TINY)
     else:
-        F = gram_factor(K, b, c)  # (r, n+1)
-        f_T, F_G = F[:, 0], F[:, 1:]
-        w = np.linalg.lstsq(F_G, f_T, rcond=None)[0]  # (n,) minimum-norm, eq. (3) in theory/subspace.md
+        lam, Q = np.linalg.eigh(K)  # K = Q diag(lam) Q^T
+        keep = ~numerical_null(lam, n)  # (n,) the range of K, eq. (6) in theory/notation.md
+        w = Q[:, keep] @ ((Q[:, keep].T @ b) / lam[keep])  # (n,) minimum-norm K^+ b, eq. (3) in theory/subspace.md
         # normal equations K w = b, relative to the size of the terms (b lies in range(K))
         resid = np.abs(K @ w - b).max() / (np.abs(K).max() * np.abs(w).max() + np.abs(b).max() + _TINY)
     info = {"converged": bool(resid <= tol), "iterations": 0, "certificate": float(resid),

@@ -28,6 +28,16 @@ import torch
 # (n <= 1e4 and a safety factor of 100 give 1e-10 in float64, 1e-3 in float32 or lower).
 SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 PSD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-3}
+# Eigenvalues of a float64 Gram matrix carry an absolute error of about n * eps * lambda_max, so
+# below RANK_RTOL * max(n, 10) * lambda_max an eigenvalue is indistinguishable from zero (eq. (6)
+# in theory/notation.md): solvers treat those directions as the null space of K.
+RANK_RTOL = 1e-14
+
+
+def numerical_null(eigenvalues: np.ndarray, n: int) -> np.ndarray:
+    """Mask of the eigenvalues of an (n, n) Gram matrix that are zero up to round-off."""
+    top = max(float(eigenvalues.max()), 0.0)
+    return eigenvalues <= RANK_RTOL * max(n, 10) * top
 
 
 @dataclass
@@ -50,6 +60,25 @@ def gram_objective(K, b, c, alpha, w):
     return 0.5 * float(w @ K @ w) - beta * float(b @ w) + 0.5 * beta * beta * float(c)
 
 
+def program_value(K, b, c, method: str, params: dict, alpha, w) -> float:
+    """The value of the method's own program at (alpha, w) (numpy, one problem).
+
+    The objective of eq. (2) for the projections; b^T w for the `topk` LP; the entropic value
+    b^T w - tau KL(w || 1/n) for `softmax`; eq. (2) plus the ridge penalty for `subspace`.
+    """
+    n = w.shape[0]
+    if method == "topk":
+        return float(b @ w)
+    if method == "softmax":
+        pos = w > 0
+        kl = float(np.sum(w[pos] * np.log(n * w[pos])))  # KL(w || 1/n), with 0 log 0 = 0
+        return float(b @ w) - params["tau"] * kl
+    value = gram_objective(K, b, c, alpha, w)
+    if method == "subspace":
+        value += 0.5 * params["ridge"] * float(np.sum((w - 1.0 / n) ** 2))
+    return value
+
+
 def gram_factor(K, b, c) -> np.ndarray:
     """F (r, n+1) with F^T F = J = [[c, b^T], [b, K]], the joint Gram of the columns (g_T, G).
 
@@ -61,8 +90,8 @@ def gram_factor(K, b, c) -> np.ndarray:
     J = np.empty((n + 1, n + 1))  # (n+1, n+1)
     J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
     lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
-    keep = lam > lam.max() * 1e-15 * (n + 1) if lam.max() > 0 else np.zeros_like(lam, dtype=bool)
-    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r; round-off eigenvalues dropped
+    keep = ~numerical_null(lam, n + 1)  # (n+1,) round-off eigenvalues dropped, eq. (6)
+    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r
 
 
 def _kind_of(x):

@@ -23,7 +23,7 @@ FAMILIES = (
     "in_span",  # g_T = G v: the subspace projection is g_T itself
     "in_hull",  # g_T = G w with w on the simplex: simplex, cone, subspace all reach it
     "zero_target",  # g_T = 0
-    "badly_scaled",  # column norms spread over 1e-3 .. 1e3
+    "badly_scaled",  # column norms spread over 1e-2 .. 1e2
     "single",  # n = 1
     "correlated",  # columns share a common direction (like real gradients): ill-conditioned K
 )
@@ -75,7 +75,7 @@ def random_problem(rng: np.random.Generator, family: str, p: int | None = None, 
     elif family == "zero_target":
         g_T = np.zeros(p)
     elif family == "badly_scaled":
-        G = G * 10.0 ** rng.uniform(-3, 3, size=n)  # (p, n) column norms over six decades
+        G = G * 10.0 ** rng.uniform(-2, 2, size=n)  # (p, n) column norms over four decades (K: eight)
     elif family == "correlated":
         G = G + 5.0 * rng.standard_normal((p, 1))  # (p, n) a shared component dominates K
     return Problem(G=G, g_T=g_T, family=family)

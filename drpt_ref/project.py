@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 
 from drpt_ref import closed_forms, cone_subspace
-from drpt_ref.direction import Direction, as_input_kind, check_gram, gram_objective
+from drpt_ref.direction import Direction, as_input_kind, check_gram, gram_objective, program_value
 from drpt_ref.methods import check_params
 from drpt_ref.programs_cvxpy import solve_cvxpy
 from drpt_ref.simplex_qp import solve_capped_simplex_qp
@@ -73,9 +73,7 @@ def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None
         alpha, w, info = _solve_exact(K64, b64, float(c64), method, params, max_iter, tol)
     info = {"method": method, "solver": solver, "params": params, **info}
     objective = gram_objective(K64, b64, float(c64), alpha, w)  # eq. (2) in theory/notation.md
-    if "program_value" not in info:  # the value of the method's own program (for topk/softmax set by the solver)
-        penalty = 0.5 * params["ridge"] * float(((w - 1.0 / w.shape[0]) ** 2).sum()) if method == "subspace" else 0.0
-        info["program_value"] = objective + penalty
+    info["program_value"] = program_value(K64, b64, float(c64), method, params, alpha, w)
     if not info["converged"]:
         hint = ("raise max_iter or tol, or check the problem with solver='cvxpy'" if solver == "exact"
                 else "the interior-point solver reported an inaccurate solution; compare with solver='exact'")

@@ -89,22 +89,21 @@ def solve_on_face(K, b, zero, upper, cap):
     return w, -sol[nF]
 
 
-def active_set(K, b, x, cap, target_gap, max_iter):
-    """Primal active-set method (Nocedal-Wright, Alg. 16.3) from a feasible x; returns (x, gap, iterations).
+def active_set(K, b, x, cap, max_iter):
+    """Primal active-set method (Nocedal-Wright, Alg. 16.3) from a feasible x; returns (x, kkt_reached, iterations).
 
     Each iteration minimizes f on the current face (eq. (4)); if that point is infeasible it
     steps toward it until the first bound blocks and fixes that weight; if it is feasible it
-    releases the fixed weight whose multiplier has the wrong sign (eq. (2), the KKT conditions).
-    f never increases, so the method ends on the optimal face in finitely many steps unless it
-    cycles on a degenerate vertex, which the iteration limit and the certificate catch.
+    releases the fixed weight whose multiplier has the wrong sign (eq. (2), the KKT conditions),
+    and stops when none has. f never increases, so the method ends on the optimal face in
+    finitely many steps unless it cycles on a degenerate vertex, which max_iter catches.
+    A multiplier counts as wrong-signed only beyond the round-off of computing it, eq. (8).
     """
     capped = cap < 1.0  # on the plain simplex the cap w <= 1 is implied by the sum: never fix it
     zero = x <= 0.0
     upper = (x >= cap) if capped else np.zeros_like(zero)
-    gap = frank_wolfe_gap(K, b, x, cap)
+    eps = np.finfo(float).eps
     for it in range(1, max_iter + 1):
-        if gap <= target_gap:
-            return x, gap, it - 1
         cand, eta = solve_on_face(K, b, zero, upper, cap)
         free = ~(zero | upper)
         step = cand - x  # (n,) zero on the fixed weights
@@ -117,27 +116,29 @@ def active_set(K, b, x, cap, target_gap, max_iter):
             i = int(np.argmin(np.minimum(to_zero, to_cap)))
             (zero if to_zero[i] <= to_cap[i] else upper)[i] = True
             x[i] = 0.0 if zero[i] else cap
-        else:  # optimal on this face: check the multipliers of the fixed weights, eq. (2)
-            r = K @ x - b  # (n,) gradient
-            if eta is None:  # a vertex: move weight from the worst capped to the best zero weight
-                if not (zero.any() and upper.any()):  # cap = 1/n: the set is the single point 1/n
-                    return x, frank_wolfe_gap(K, b, x, cap), it
-                i, j = np.flatnonzero(zero)[np.argmin(r[zero])], np.flatnonzero(upper)[np.argmax(r[upper])]
-                if r[i] >= r[j]:  # KKT holds at the vertex: optimal
-                    return x, frank_wolfe_gap(K, b, x, cap), it
-                zero[i] = upper[j] = False
-            else:
-                viol = np.where(zero, eta - r, 0.0) + np.where(upper, r - eta, 0.0)  # (n,) > 0 is wrong sign
-                i = int(np.argmax(viol))
-                if viol[i] <= 0.0:  # KKT holds on this face: optimal up to round-off
-                    return x, frank_wolfe_gap(K, b, x, cap), it
-                zero[i] = upper[i] = False
-        gap = frank_wolfe_gap(K, b, x, cap)
-    return x, gap, max_iter
+            continue
+        # optimal on this face: check the multipliers of the fixed weights, eq. (2)
+        r = K @ x - b  # (n,) gradient
+        noise = 64 * eps * (np.abs(K) @ np.abs(x) + np.abs(b))  # (n,) round-off in r, eq. (8)
+        if eta is None:  # a vertex: move weight from the worst capped to the best zero weight
+            if not (zero.any() and upper.any()):  # cap = 1/n: the set is the single point 1/n
+                return x, True, it
+            i = np.flatnonzero(zero)[np.argmin(r[zero])]
+            j = np.flatnonzero(upper)[np.argmax(r[upper])]
+            if r[i] >= r[j] - noise[i] - noise[j]:  # KKT holds at the vertex
+                return x, True, it
+            zero[i] = upper[j] = False
+        else:
+            viol = np.where(zero, eta - r, 0.0) + np.where(upper, r - eta, 0.0) - noise  # (n,) > 0: wrong sign
+            i = int(np.argmax(viol))
+            if viol[i] <= 0.0:  # KKT holds on this face
+                return x, True, it
+            zero[i] = upper[i] = False
+    return x, False, max_iter
 
 
-def solve_capped_simplex_qp(K, b, c, cap: float, max_iter: int | None = None, tol: float = 1e-12,
-                            fista_iter: int = 300):
+def solve_capped_simplex_qp(K, b, c, cap: float, max_iter: int | None = None, tol: float = 1e-11,
+                            fista_iter: int = 100):
     """FISTA warm start, then the active-set method, for eq. (1); returns (w, info) with the FW gap."""
     n = K.shape[0]
     max_iter = 20 * n + 100 if max_iter is None else max_iter
@@ -146,7 +147,7 @@ def solve_capped_simplex_qp(K, b, c, cap: float, max_iter: int | None = None, to
     L = float(np.linalg.eigvalsh(K)[-1])  # Lipschitz constant of grad f
     x = project_capped_simplex(np.full(n, 1.0 / n), cap)  # (n,) feasible start: the mean
     y, t, it = x.copy(), 1.0, 0
-    while L > 0.0 and it < fista_iter:
+    while L > 0.0 and it < fista_iter:  # a warm start only: the active-set method decides
         it += 1
         x_new = project_capped_simplex(y - (K @ y - b) / L, cap)  # eq. (6): projected gradient step
         if (y - x_new) @ (x_new - x) > 0.0:  # adaptive restart: momentum points uphill
@@ -154,11 +155,11 @@ def solve_capped_simplex_qp(K, b, c, cap: float, max_iter: int | None = None, to
         t_new = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
         y = x_new + ((t - 1.0) / t_new) * (x_new - x)  # eq. (7): Nesterov extrapolation
         x, t = x_new, t_new
-        if it % 25 == 0 and frank_wolfe_gap(K, b, x, cap) <= target_gap:
-            break
-    x, gap, as_iter = active_set(K, b, x, cap, target_gap, max_iter)
+    x, kkt_reached, as_iter = active_set(K, b, x, cap, max_iter)
+    gap = frank_wolfe_gap(K, b, x, cap)
     info = {
-        "converged": bool(gap <= target_gap),
+        # converged: the KKT conditions hold up to round-off, and the gap certifies it
+        "converged": bool(kkt_reached and gap <= target_gap),
         "iterations": it + as_iter,
         "certificate": max(gap, 0.0) / scale,  # relative Frank-Wolfe gap, gap / (max K_ii + c)
         "certificate_kind": "frank_wolfe_gap",
