@@ -17,13 +17,15 @@ Symbols used in every shape comment:
 
 Entry points:
     project(K, b, c, method, **params)        exact solvers, or solver="cvxpy"
+    project_batched(K, b, c, method, ...)     many problems at once, torch, any device
     cvxpy_program(K, b, c, method, **params)  the convex program that defines a method
     METHODS                                   method names and their parameters
 """
 
+from drpt_ref.batched import project_batched
 from drpt_ref.direction import Direction
 from drpt_ref.methods import METHODS, NESTED_CHAIN
 from drpt_ref.programs_cvxpy import cvxpy_program, solve_cvxpy
 from drpt_ref.project import project
 
-__all__ = ["Direction", "METHODS", "NESTED_CHAIN", "cvxpy_program", "project", "solve_cvxpy"]
+__all__ = ["Direction", "METHODS", "NESTED_CHAIN", "cvxpy_program", "project", "project_batched", "solve_cvxpy"]

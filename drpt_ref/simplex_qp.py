@@ -60,10 +60,19 @@ def linear_minimizer(r: np.ndarray, cap: float) -> np.ndarray:
     return s
 
 
-def frank_wolfe_gap(K, b, w, cap) -> float:
-    """eq. (5) in theory/capped_simplex.md: an upper bound on f(w) - f*, zero exactly at the optimum."""
+def frank_wolfe_gap(K, b, w, cap, with_floor: bool = False):
+    """eq. (5) in theory/capped_simplex.md: an upper bound on f(w) - f*, zero exactly at the optimum.
+
+    with_floor=True also returns the round-off level of the computed gap, eq. (8): below it the
+    gap cannot be told from zero.
+    """
     r = K @ w - b  # (n,) gradient of f
-    return float(r @ (w - linear_minimizer(r, cap)))
+    step = w - linear_minimizer(r, cap)  # (n,)
+    gap = float(r @ step)
+    if not with_floor:
+        return gap
+    floor = 64 * np.finfo(float).eps * float((np.abs(K) @ np.abs(w) + np.abs(b)) @ np.abs(step))
+    return gap, floor
 
 
 def solve_on_face(K, b, zero, upper, cap):
@@ -104,6 +113,9 @@ def active_set(K, b, x, cap, max_iter):
     upper = (x >= cap) if capped else np.zeros_like(zero)
     eps = np.finfo(float).eps
     for it in range(1, max_iter + 1):
+        gap, floor = frank_wolfe_gap(K, b, x, cap, with_floor=True)
+        if gap <= floor:  # optimal to working precision (this also ends cycling on degenerate faces)
+            return x, True, it - 1
         cand, eta = solve_on_face(K, b, zero, upper, cap)
         free = ~(zero | upper)
         step = cand - x  # (n,) zero on the fixed weights
