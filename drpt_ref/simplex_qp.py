@@ -15,11 +15,13 @@ in two stages:
    bound that blocks, release the bound whose multiplier has the wrong sign. It is finite and
    exact, whatever the conditioning.
 
-The solver stops only on the certificate: the Frank-Wolfe gap (eq. (5)),
+The active-set method stops when the KKT conditions (eq. (2)) hold up to round-off, or when the
+Frank-Wolfe gap (eq. (5)) falls below its round-off floor (eq. (8)),
 
-    gap(w) = grad f(w)^T (w - s),   s = argmin_{v in W} grad f(w)^T v     >=  f(w) - f*,
+    gap(w) = grad f(w)^T (w - s),   s = argmin_{v in W} grad f(w)^T v     >=  f(w) - f*;
 
-below tol * scale, scale = max_i K_ii + c (the squared length of the longest vector involved).
+the solver reports converged only if, in addition, the gap is below tol * scale,
+scale = max_i K_ii + c (the squared length of the longest vector involved).
 
 Shapes: K (n, n), b (n,), v (n,) -> w (n,).
 """
