@@ -91,6 +91,8 @@ def gram_factor(K, b, c) -> np.ndarray:
     J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
     lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
     keep = ~numerical_null(lam, n + 1)  # (n+1,) round-off eigenvalues dropped, eq. (6)
+    if not keep.any():  # all vectors are zero: one zero row keeps the shapes valid
+        return np.zeros((1, n + 1))
     return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r
 
 
@@ -128,7 +130,7 @@ def check_gram(K, b, c, batched: bool = False):
     not PSD, c < 0, and b that did not come from the same G and g_T).
     """
     kind = _kind_of(K)
-    dtype = kind[1] if kind[0] == "torch" else torch.float64
+    dtype = kind[1] if kind[0] == "torch" else (torch.float64 if kind[1] == np.float64 else torch.float32)
     dtype = dtype if dtype in SYMMETRY_RTOL else torch.float32  # half precisions: float32 tolerances
     K64, b64, c64 = to_float64("K", K), to_float64("b", b), to_float64("c", c)
     lead = 1 if batched else 0

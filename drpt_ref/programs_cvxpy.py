@@ -64,7 +64,7 @@ def cvxpy_program(K, b, c, method: str, **params) -> cp.Problem:
         else:  # eq. (1) in theory/ball.md: ||d - G 1/n|| <= radius, d in span(g_T, G)
             # A second-order cone program: minimize the distance itself (the same minimizer as half its
             # square), with lengths in units of s, the longest vector, which Clarabel solves far more accurately.
-            s = float(np.sqrt(max(np.max(np.diag(K)), c, np.finfo(float).tiny)))
+            s = float(np.sqrt(max(np.max(np.diag(K)), c))) or 1.0  # all-zero vectors: any unit will do
             objective = cp.Minimize(cp.norm(alpha * f_T + F_G @ w - f_T) / s)
             constraints = [cp.norm(alpha * f_T + F_G @ (w - uniform)) / s <= params["radius"] / s]
         return cp.Problem(objective, constraints)

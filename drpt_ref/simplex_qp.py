@@ -78,7 +78,7 @@ def frank_wolfe_gap(K, b, w, cap, with_floor: bool = False):
 
 
 def solve_on_face(K, b, zero, upper, cap):
-    """Minimize f on the face {w_Z = 0, w_U = cap, 1^T w = 1} (eq. (4)); returns (w, eta).
+    """Minimize f on the face {w_Z = 0, w_U = cap, 1^T w = 1} (eq. (4)); returns (w, eta, null_dir).
 
     eta is the common value of the gradient on the free weights (the multiplier of 1^T w = 1).
     K_FF may be singular (duplicate or dependent samples): least squares returns the minimizer
@@ -88,7 +88,7 @@ def solve_on_face(K, b, zero, upper, cap):
     nF = int(free.sum())
     w = np.where(upper, cap, 0.0)  # (n,)
     if nF == 0:
-        return w, None
+        return w, None, None
     # [K_FF 1][w_F ]   [b_F - K_FU cap 1]
     # [1^T  0][-eta] = [1 - |U| cap     ]          eq. (4) in theory/capped_simplex.md
     A = np.zeros((nF + 1, nF + 1))  # (nF+1, nF+1)
@@ -97,7 +97,30 @@ def solve_on_face(K, b, zero, upper, cap):
     rhs = np.concatenate([b[free] - K[np.ix_(free, upper)].sum(axis=1) * cap, [1.0 - upper.sum() * cap]])
     sol = np.linalg.lstsq(A, rhs, rcond=None)[0]  # (nF+1,)
     w[free] = sol[:nF]
-    return w, -sol[nF]
+    # a least-squares solve is backward stable (residual ~ eps); a residual far above that means the
+    # system has no solution. The residual rho then lies in null(A): K_FF rho_F = -rho_nu 1 and
+    # 1^T rho_F = 0, a direction of the face with zero curvature along which f is linear (eq. (9)).
+    rho = rhs - A @ sol  # (nF+1,)
+    size = np.abs(A).max() * np.abs(sol).max() + np.abs(rhs).max()
+    if np.abs(rho).max() <= 1e-10 * size:
+        return w, -sol[nF], None
+    null_dir = np.zeros_like(w)
+    null_dir[free] = rho[:nF]
+    return w, -sol[nF], null_dir
+
+
+def _null_direction_step(r, x, p, free, zero, upper, cap, capped):
+    """Move along a zero-curvature direction p of the face, downhill, until a bound blocks (eq. (9))."""
+    if r @ p > 0:
+        p = -p  # f is linear along p: go the way it decreases
+    with np.errstate(divide="ignore", invalid="ignore"):
+        to_zero = np.where(free & (p < 0), -x / p, np.inf)  # (n,)
+        to_cap = np.where(free & (p > 0) & capped, (cap - x) / p, np.inf)  # (n,)
+    i = int(np.argmin(np.minimum(to_zero, to_cap)))
+    x = x + min(to_zero[i], to_cap[i]) * p  # the face is bounded, so some bound blocks
+    (zero if to_zero[i] <= to_cap[i] else upper)[i] = True
+    x[i] = 0.0 if zero[i] else cap
+    return x
 
 
 def active_set(K, b, x, cap, max_iter):
@@ -118,8 +141,13 @@ def active_set(K, b, x, cap, max_iter):
         gap, floor = frank_wolfe_gap(K, b, x, cap, with_floor=True)
         if gap <= floor:  # optimal to working precision (this also ends cycling on degenerate faces)
             return x, True, it - 1
-        cand, eta = solve_on_face(K, b, zero, upper, cap)
+        cand, eta, null_dir = solve_on_face(K, b, zero, upper, cap)
         free = ~(zero | upper)
+        if null_dir is not None:
+            # b has a part outside range(K_FF) (e.g. a Gram matrix rounded in float32): f is linear
+            # along a null direction of the face, so follow it downhill to a bound, eq. (9)
+            x = _null_direction_step(K @ x - b, x, null_dir, free, zero, upper, cap, capped)
+            continue
         step = cand - x  # (n,) zero on the fixed weights
         with np.errstate(divide="ignore", invalid="ignore"):
             to_zero = np.where(free & (step < 0), -x / step, np.inf)  # (n,) ratio test at w_i = 0
@@ -131,9 +159,9 @@ def active_set(K, b, x, cap, max_iter):
             (zero if to_zero[i] <= to_cap[i] else upper)[i] = True
             x[i] = 0.0 if zero[i] else cap
             continue
-        # optimal on this face: check the multipliers of the fixed weights, eq. (2)
         r = K @ x - b  # (n,) gradient
         noise = 64 * eps * (np.abs(K) @ np.abs(x) + np.abs(b))  # (n,) round-off in r, eq. (8)
+        # optimal on this face: check the multipliers of the fixed weights, eq. (2)
         if eta is None:  # a vertex: move weight from the worst capped to the best zero weight
             if not (zero.any() and upper.any()):  # cap = 1/n: the set is the single point 1/n
                 return x, True, it
