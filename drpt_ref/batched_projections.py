@@ -64,7 +64,12 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     The capped simplex is a = 1, h = u; the solver uses a = 1/sqrt(diag K) (Jacobi scaling, eq. (9)).
     z(tau) = clip(v - tau a, 0, h) and phi(tau) = a^T z(tau) is piecewise linear and decreasing with
     breakpoints (v_i - h_i)/a_i (slope -= a_i^2) and v_i/a_i (slope += a_i^2).
+    Lower precisions are computed in float64 (O(B n log n), small next to the O(B n^2) gradient):
+    in float32 the cumulative sum of slopes a_i^2 spanning decades loses the crossing.
     """
+    if v.dtype != torch.float64 and v.device.type != "mps":
+        out = project_weighted_capped_simplex(v.double(), a.double(), h.double())
+        return out.to(v.dtype)  # (B, n)
     points = torch.cat([(v - h) / a, v / a], dim=-1)  # (B, 2n) breakpoints of phi
     a2 = a * a  # (B, n)
     slope_inc = torch.cat([-a2, a2], dim=-1)  # (B, 2n)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drpt_ref.batched_projections import frank_wolfe_gap, project_weighted_capped_simplex
+from drpt_ref.batched_projections import frank_wolfe_gap, project_capped_simplex, project_weighted_capped_simplex
 
 # rho of eq. (11), relative to the scaled problem (lambda_max(K~) <= 1): large enough that the
 # Cholesky of K~_FF + rho I succeeds when K~_FF is singular (its backward error is ~ n eps), small
@@ -204,8 +204,8 @@ def solve_qp(K, b, cap=None, *, max_iter=None, tol=None, check_every=20, use_pol
             set_a = set_a.take(keep)
             z, y, t = z[keep], y[keep], t[keep]
     w = z_out * a  # (B, n) back to sample weights
-    if cap is not None:  # exact bounds after the change of variables (round-off of a * z)
-        w = torch.minimum(w.clamp_min(0.0), cap.unsqueeze(-1))
+    if cap is not None:  # re-project in w: a * z loses digits to cancellation when a spans decades (float32)
+        w = project_capped_simplex(w, cap)  # moves w by ~ its infeasibility, so f by <= ||g|| * that
     else:
         w = w.clamp_min(0.0)
     kind = "kkt_residual_jacobi_scaled" if cap is None else "frank_wolfe_gap_scaled"
