@@ -1,0 +1,179 @@
+"""The Gram quantities K, b, c of a general and a target batch, per layer, behind one interface.
+
+K = G^T G, b = G^T g_T, c = ||g_T||^2 (eq. (3) in theory/notation.md), where column i of G is the
+gradient of general unit i's loss and g_T the mean gradient of the m target units, restricted to
+the *covered* parameters: the weights and biases of the model's linear layers (nn.Linear and GPT-2's
+transformers Conv1D), one block per layer. Layers whose weight is tied to another parameter (GPT-2's
+lm_head = wte), embeddings and layer norms are left out (theory/gram.md, section 5);
+`covered_parameters(model)` names what is covered.
+
+Every engine computes the joint per-layer unit Gram J_l of the concatenated units [general; target]
+(eq. (1) in theory/gram.md), and `kbc_from_joint` splits it into K, b, c (eq. (2)):
+
+    method="exact"   per-unit gradients by autograd, one unit at a time (gram_exact.py)
+    method="ghost"   exact, from captured layer inputs and output gradients (gram_ghost.py)
+    method="sketch"  approximate, random projections of those (gram_sketch.py)
+
+Shapes:
+    J (L, n + m, n + m)  ->  K (L, n, n), b (L, n), c (L,);  Gram.total(): K (n, n), b (n,), c ()
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from drpt_ref.unit_batch import RowBatch
+
+METHODS = ("exact", "ghost", "sketch")
+GHOST_MODES = ("auto", "pair", "materialize")
+
+
+@dataclass(frozen=True)
+class CoveredLayer:
+    """One linear layer of the Gram.
+
+    y = x W^T + b (nn.Linear, W (d_out, d_in)) or y = x W + b (Conv1D, W (d_in, d_out)).
+    """
+
+    name: str  # module name, e.g. "transformer.h.0.attn.c_attn"
+    module: nn.Module
+    d_in: int
+    d_out: int
+    conv1d: bool  # weight stored (d_in, d_out)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.module.bias is not None
+
+    @property
+    def param_names(self) -> list[str]:
+        return [f"{self.name}.weight"] + ([f"{self.name}.bias"] if self.has_bias else [])
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    @property
+    def num_params(self) -> int:
+        return self.d_in * self.d_out + (self.d_out if self.has_bias else 0)
+
+
+def covered_layers(model: nn.Module) -> list[CoveredLayer]:
+    """The linear layers whose weights and biases enter the Gram, in module order.
+
+    Left out: any layer whose weight is shared with another parameter slot (tied weights, e.g. GPT-2's
+    lm_head = wte: the weight gets gradient from two places, theory/gram.md section 5), frozen layers.
+    """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    layers = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, Conv1D)) or not mod.weight.requires_grad or uses[id(mod.weight)] > 1:
+            continue
+        conv1d = isinstance(mod, Conv1D)
+        d_in, d_out = mod.weight.shape if conv1d else mod.weight.shape[::-1]
+        layers.append(CoveredLayer(name, mod, int(d_in), int(d_out), conv1d))
+    if not layers:
+        raise ValueError("model has no untied trainable nn.Linear / Conv1D layer to build a Gram over")
+    return layers
+
+
+def covered_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters the Gram covers (each covered layer's weight and bias)."""
+    return [p for layer in covered_layers(model) for p in layer.param_names]
+
+
+def kbc_from_joint(J: torch.Tensor, n: int, m: int):
+    """Split the joint unit Gram of [general; target] into K, b, c, eq. (2) in theory/gram.md.
+
+    J (L, n + m, n + m) -> K (L, n, n), b (L, n) = J_GT 1/m, c (L,) = 1^T J_TT 1 / m^2
+    """
+    K = J[:, :n, :n]  # (L, n, n)
+    b = J[:, :n, n:].sum(-1) / m  # (L, n): the target mean's 1/m applied here, not in the losses
+    c = J[:, n:, n:].sum((-2, -1)) / m**2  # (L,)
+    return K, b, c
+
+
+@dataclass
+class Gram:
+    """Per-layer Gram blocks. Sum over layers = the global Gram; each block = one per-layer QP."""
+
+    K: torch.Tensor  # (L, n, n)
+    b: torch.Tensor  # (L, n)
+    c: torch.Tensor  # (L,)
+    layer_names: list[str]
+    method: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.K.shape[-1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.K.shape[0]
+
+    def total(self):
+        """The global K (n, n), b (n,), c (): sums of the per-layer blocks (parameters are disjoint)."""
+        return self.K.sum(0), self.b.sum(0), self.c.sum(0)
+
+    def regroup(self, group_of) -> Gram:
+        """Sum blocks into coarser groups; group_of(layer_name) -> group name (first-seen order)."""
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.layer_names):
+            groups.setdefault(group_of(name), []).append(i)
+        pick = [torch.tensor(ix, device=self.K.device) for ix in groups.values()]
+        return Gram(torch.stack([self.K[ix].sum(0) for ix in pick]), torch.stack([self.b[ix].sum(0) for ix in pick]),
+                    torch.stack([self.c[ix].sum(0) for ix in pick]), list(groups), self.method, dict(self.info))
+
+
+def check_gram_inputs(model, unit_loss, general: RowBatch, target: RowBatch, method: str):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, batch in (("general", general), ("target", target)):
+        if not isinstance(batch, RowBatch):
+            raise ValueError(f"{name} must be a RowBatch, got {type(batch).__name__}")
+        if batch.num_units == 0:
+            raise ValueError(f"{name} has no units")
+        want = getattr(unit_loss, "rows_per_unit", batch.rows_per_unit)
+        if batch.rows_per_unit != want:
+            raise ValueError(f"{name}.rows_per_unit={batch.rows_per_unit} but unit_loss expects {want}")
+    if model.training and any(isinstance(mod, nn.Dropout) and mod.p > 0 for mod in model.modules()):
+        raise ValueError("model is in training mode with active dropout: every engine would see different "
+                         "masks; call model.eval() (or set the dropout probabilities to 0)")
+
+
+def compute_gram(model, unit_loss, general: RowBatch, target: RowBatch, method: str = "ghost", *,
+                 ghost_mode: str = "auto", sketch_dim: int = 64, seed: int = 0) -> Gram:
+    """K, b, c per covered layer for a general batch (n units) and a target batch (m units).
+
+    unit_loss(logprobs (R, T - 1), batch) -> (U,): SFTLoss(), DPOLoss(beta), GRPOLoss(G, ...).
+    ghost_mode ("ghost" and "sketch"): "auto" (the cost rule, eq. (5) in theory/gram.md), "pair"
+    (token-pair form) or "materialize" (per-unit layer gradients) for every layer.
+    sketch_dim, seed ("sketch" only): the dimension each of a and e is projected to, the RNG seed.
+    """
+    check_gram_inputs(model, unit_loss, general, target, method)
+    if ghost_mode not in GHOST_MODES:
+        raise ValueError(f"ghost_mode must be one of {GHOST_MODES}, got {ghost_mode!r}")
+    n, m = general.num_units, target.num_units
+    if method == "exact":
+        from drpt_ref.gram_exact import exact_joint_gram
+
+        J, info = exact_joint_gram(model, unit_loss, general, target)
+    else:
+        from drpt_ref.gram_ghost import capture, ghost_joint_gram
+
+        cap = capture(model, unit_loss, general, target)
+        if method == "ghost":
+            J, info = ghost_joint_gram(cap, ghost_mode)
+        else:
+            from drpt_ref.gram_sketch import sketch_joint_gram
+
+            J, info = sketch_joint_gram(cap, sketch_dim, seed, ghost_mode)
+    K, b, c = kbc_from_joint(J, n, m)
+    info.update(n=n, m=m)
+    return Gram(K, b, c, [layer.name for layer in covered_layers(model)], method, info)
