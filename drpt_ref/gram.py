@@ -157,23 +157,40 @@ def compute_gram(model, unit_loss, general: RowBatch, target: RowBatch, method: 
     sketch_dim, seed ("sketch" only): the dimension each of a and e is projected to, the RNG seed.
     """
     check_gram_inputs(model, unit_loss, general, target, method)
-    if ghost_mode not in GHOST_MODES:
-        raise ValueError(f"ghost_mode must be one of {GHOST_MODES}, got {ghost_mode!r}")
-    n, m = general.num_units, target.num_units
     if method == "exact":
         from drpt_ref.gram_exact import exact_joint_gram
 
         J, info = exact_joint_gram(model, unit_loss, general, target)
+        return _gram(J, general.num_units, target.num_units, covered_layers(model), method, info)
+    from drpt_ref.gram_ghost import capture
+
+    return gram_from_capture(capture(model, unit_loss, general, target), method, ghost_mode=ghost_mode,
+                             sketch_dim=sketch_dim, seed=seed)
+
+
+def gram_from_capture(cap, method: str = "ghost", *, ghost_mode: str = "auto", sketch_dim: int = 64,
+                      seed: int = 0) -> Gram:
+    """The Gram of a `gram_ghost.Capture`, method "ghost" or "sketch".
+
+    For the one-pass Dr step: capture once, build the Gram here, solve, then assemble the update from
+    the same capture (gram_update.assemble_update): one forward and one backward in all.
+    """
+    if method not in ("ghost", "sketch"):
+        raise ValueError(f"method must be 'ghost' or 'sketch' for a capture, got {method!r}")
+    if ghost_mode not in GHOST_MODES:
+        raise ValueError(f"ghost_mode must be one of {GHOST_MODES}, got {ghost_mode!r}")
+    if method == "ghost":
+        from drpt_ref.gram_ghost import ghost_joint_gram
+
+        J, info = ghost_joint_gram(cap, ghost_mode)
     else:
-        from drpt_ref.gram_ghost import capture, ghost_joint_gram
+        from drpt_ref.gram_sketch import sketch_joint_gram
 
-        cap = capture(model, unit_loss, general, target)
-        if method == "ghost":
-            J, info = ghost_joint_gram(cap, ghost_mode)
-        else:
-            from drpt_ref.gram_sketch import sketch_joint_gram
+        J, info = sketch_joint_gram(cap, sketch_dim, seed, ghost_mode)
+    return _gram(J, cap.n, cap.m, cap.layers, method, info)
 
-            J, info = sketch_joint_gram(cap, sketch_dim, seed, ghost_mode)
+
+def _gram(J, n: int, m: int, layers: list[CoveredLayer], method: str, info: dict) -> Gram:
     K, b, c = kbc_from_joint(J, n, m)
     info.update(n=n, m=m)
-    return Gram(K, b, c, [layer.name for layer in covered_layers(model)], method, info)
+    return Gram(K, b, c, [layer.name for layer in layers], method, info)

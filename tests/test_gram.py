@@ -11,7 +11,7 @@ import torch
 from gram_cases import make_batch, problem, tiny_gpt2, unit_loss
 
 from drpt_ref.batched import project_batched
-from drpt_ref.gram import compute_gram, covered_parameters, kbc_from_joint
+from drpt_ref.gram import compute_gram, covered_parameters, gram_from_capture, kbc_from_joint
 from drpt_ref.gram_exact import per_unit_gradients
 from drpt_ref.gram_ghost import capture, use_pair_form
 from drpt_ref.gram_sketch import sketch_joint_gram
@@ -113,6 +113,19 @@ def test_engines_leave_grad_untouched_and_total_sums_blocks():
     assert torch.allclose(K, ghost.K.sum(0)) and K.shape == (5, 5) and b.shape == (5,) and c.dim() == 0
     blocks = ghost.regroup(lambda name: name.split(".")[2])  # "transformer.h.0..." -> "0"
     assert blocks.layer_names == ["0", "1"] and torch.allclose(blocks.K.sum(0), K)
+
+
+def test_one_capture_serves_gram_and_update():
+    model, loss, general, target, exact = setup("grpo")
+    cap = capture(model, loss, general, target)
+    gram = gram_from_capture(cap)
+    assert rel(gram.K, exact.K) <= GHOST_RTOL and rel(gram.b, exact.b) <= GHOST_RTOL
+    direction = project_batched(*(x[None] for x in gram.total()), "cone")
+    up = assemble_update(cap, direction.alpha[0], direction.weights[0])
+    back = weighted_backward_update(model, loss, general, target, direction.alpha[0], direction.weights[0])
+    assert all(rel(up[p], back[p]) <= UPDATE_RTOL for p in up)
+    with pytest.raises(ValueError, match="method"):
+        gram_from_capture(cap, "exact")
 
 
 def _reference_update(grads, n, alpha, w, layer_of):
