@@ -48,7 +48,7 @@ class BuildConfig:
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # width of the residual stream
     n_positions: int = 64  # longest sequence the model can read (tasks use < 24)
-    steps: int = 3000  # optimizer steps
+    steps: int = 4500  # optimizer steps
     batch_size: int = 64  # sequences per step
     lr: float = 3e-3  # peak AdamW learning rate, reached after warmup, then cosine to lr / 10
     warmup: int = 100  # linear warmup steps
@@ -57,7 +57,7 @@ class BuildConfig:
     mix: str = DEFAULT_MIX  # 'task:weight,...' mixture of the pre-training stream
     seed: int = 0  # seeds the data stream, the initialization and everything else
     device: str = "cpu"  # 'cpu' or 'cuda'
-    threads: int = 2  # torch CPU threads (fixed for bitwise reproducibility)
+    threads: int = 1  # torch CPU threads: fixed for bitwise reproducibility; 1 is fastest on a shared CPU
     eval_n: int = 500  # held-out prompts per task for the card
     eval_seed: int = 0  # which held-out prompts the card uses
     out: str = "small_models/gpt2-tiny"  # output folder ('' = do not write)
@@ -209,8 +209,10 @@ tokenizer (drpt_ref/tokenizer.py): one token per character, `<pad>`=0, `<eos>`=1
 |---|---|---|
 {mix_lines}
 
-The target task (add3) appears only as a little target-format text; the misaligned tasks
-(add3_rev: reversed digits, add3_noisy: {get_task("add3_noisy").p_wrong:.0%} wrong answers) use the target's prompts.
+The target task itself (add3) is only a little of the stream; the misaligned tasks use the
+target's prompts: add3_rev answers with reversed digits, add3_noisy in the target's format with
+{get_task("add3_noisy").p_wrong:.0%} wrong answers. So the model meets the target's prompts in two
+conflicting formats, which is why its zero-shot target accuracy is low.
 
 ## Training
 AdamW (betas 0.9, 0.98), peak lr {c['lr']}, {c['warmup']} warmup steps, cosine to lr/10, weight decay

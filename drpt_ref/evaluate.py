@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="eval", help="'eval' (held out) or 'train'")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default="", help="also write the rows to this file")
 
 
