@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="small_models/gpt2-tiny", help="a local model folder")
     parser.add_argument("--task", default="all",
                         help="a task name, 'a,b', a group (target/helpful/unrelated/misaligned), or 'all'")
-    parser.add_argument("--n", type=int, default=1000, help="held-out prompts per task")
+    parser.add_argument("--n", type=int, default=500, help="held-out prompts per task (the card uses 500)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out prompts are drawn")
     parser.add_argument("--split", default="eval", help="'eval' (held out) or 'train'")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")

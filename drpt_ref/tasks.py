@@ -43,17 +43,16 @@ __all__ = ["GROUPS", "SPLITS", "TARGET", "TASKS", "GENERAL", "Sample", "Pair", "
 
 
 def task_names(spec: str) -> list[str]:
-    """'all' -> every task; 'general' -> the pool; a group name -> its tasks; 'a,b' -> [a, b]."""
+    """'all' -> every task; 'general' -> the pool; a group -> its tasks; 'a,helpful' -> a + the group."""
+    if "," in spec:
+        return [name for part in spec.split(",") if part.strip() for name in task_names(part.strip())]
     if spec == "all":
         return list(TASKS)
     if spec == "general":
         return list(GENERAL)
     if spec in GROUPS:
         return [name for name, t in TASKS.items() if t.group == spec]
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for name in names:
-        get_task(name)
-    return names
+    return [get_task(spec).name]
 
 
 def get_task(name: str) -> Task:

@@ -154,6 +154,7 @@ def test_bad_input_names_the_fix():
     assert task_names("helpful") == ["add2", "carry", "copy"]
     assert task_names("misaligned") == ["add3_rev", "add3_noisy"]
     assert task_names("add3,sort") == ["add3", "sort"]
+    assert task_names("target,unrelated") == ["add3", "reverse", "sort"]
 
 
 def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
