@@ -58,6 +58,7 @@ def _linear_hooks(layers: list[CoveredLayer]):
                 raise ValueError(f"layer {name} ran twice in one forward; a layer used twice (shared weights) "
                                  "cannot be covered")
             a[name] = inputs[0].detach()  # (R, T, d_in)
+            e[name] = torch.zeros_like(output.detach())  # (R, T, d_out); stays 0 if no loss depends on it
 
             def grad_hook(grad):
                 e[name] = grad.detach()  # (R, T, d_out)
@@ -85,7 +86,7 @@ def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
     with _linear_hooks(layers) as (a, e):
         losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
         # Summed, not averaged: e of unit u is d loss_u / d Y_u (eq. (6) in theory/gram.md).
-        torch.autograd.grad(losses.sum(), [layer.module.weight for layer in layers])
+        torch.autograd.grad(losses.sum(), [layer.module.weight for layer in layers], allow_unused=True)
     return Capture(layers, [a[ly.name] for ly in layers], [e[ly.name] for ly in layers], batch,
                    general.num_units, target.num_units, losses.detach())
 

@@ -24,7 +24,7 @@ def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """log pi(y | x) = sum over answer tokens of the token log-probs, eq. (2) in theory/losses.md. -> (R,)"""
     if logprobs.shape != mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must have the same shape")
-    return (logprobs * mask.to(logprobs.dtype)).sum(-1)  # (R,)
+    return torch.where(mask.bool(), logprobs, 0.0).sum(-1)  # (R,); where: nothing leaks from outside the mask
 
 
 def dpo_unit_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:

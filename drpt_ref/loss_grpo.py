@@ -61,19 +61,22 @@ def grpo_unit_loss(logprobs, mask, advantages, old_logprobs=None, *, clip_eps: f
         raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's token log-probs)")
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
-    mask = mask.to(logprobs.dtype)
+    mask = mask.bool()
     adv = advantages.to(logprobs.dtype)[..., None]  # (U, G, 1)
-    ratio = torch.exp(logprobs - old_logprobs)  # (U, G, T - 1), eq. (5)
+    # Outside the mask (prompt, padding: old/ref log-probs there may be padding zeros) the log-ratios are
+    # set to 0 before exp, so no overflow can turn into inf * 0 = nan in the value or the gradient.
+    ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))  # (U, G, T - 1), eq. (5)
     surrogate = ratio * adv
     if clip_eps is not None:  # eq. (6): the pessimistic of the plain and the clipped surrogate
         surrogate = torch.minimum(surrogate, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
     per_token = -surrogate
     if kl_coef:
-        per_token = per_token + kl_coef * k3_kl(logprobs, ref_logprobs)  # eq. (7)
-    count = mask.sum((1, 2))  # (U,) completion tokens of the group: the normaliser of eq. (8)
+        kl = k3_kl(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0))  # eq. (7); 0 off the mask
+        per_token = per_token + kl_coef * kl
+    count = mask.sum((1, 2)).to(logprobs.dtype)  # (U,) completion tokens of the group: the normaliser of eq. (8)
     if bool((count == 0).any()):
         raise ValueError("a group has no completion tokens (mask all zero); drop it or fix its loss_mask")
-    return (per_token * mask).sum((1, 2)) / count  # (U,)
+    return torch.where(mask, per_token, 0.0).sum((1, 2)) / count  # (U,)
 
 
 class GRPOLoss:

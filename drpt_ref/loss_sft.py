@@ -19,11 +19,12 @@ def sft_unit_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """-(1 / |answer_u|) sum_{t in answer_u} log p(y_t | y_<t), eq. (1) in theory/losses.md. -> (U,)"""
     if logprobs.shape != mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must have the same shape")
-    mask = mask.to(logprobs.dtype)
-    count = mask.sum(-1)  # (U,) answer tokens per example: the normaliser
+    mask = mask.bool()
+    count = mask.sum(-1).to(logprobs.dtype)  # (U,) answer tokens per example: the normaliser
     if bool((count == 0).any()):
         raise ValueError("an example has no answer tokens (mask row all zero); drop it or fix its loss_mask")
-    return -(logprobs * mask).sum(-1) / count  # (U,)
+    # where, not multiply: a non-finite log-prob outside the mask must not reach the loss or its gradient
+    return -torch.where(mask, logprobs, 0.0).sum(-1) / count  # (U,)
 
 
 class SFTLoss:

@@ -59,6 +59,14 @@ def test_ghost_equals_exact(paradigm, mode):
         assert rel(x, ref) <= GHOST_RTOL
 
 
+def test_pair_form_in_chunks_is_the_same(monkeypatch):
+    model, loss, general, target, exact = setup("dpo")
+    whole = compute_gram(model, loss, general, target, "ghost", ghost_mode="pair")
+    monkeypatch.setattr("drpt_ref.gram_ghost.PAIR_CHUNK_ELEMENTS", 3 * 8 * 24 * 24)  # 3 units per chunk
+    chunked = compute_gram(model, loss, general, target, "ghost", ghost_mode="pair")
+    assert rel(chunked.K, whole.K) <= 1e-14 and rel(chunked.K, exact.K) <= GHOST_RTOL
+
+
 def test_cost_rule_picks_both_forms():
     assert use_pair_form(16, 32, 32) and not use_pair_form(24, 32, 32)  # 2 T^2 <= d_in d_out
     model, loss, general, target, _ = setup("dpo")  # T_u = 2 * 12 = 24 tokens per pair

@@ -153,3 +153,16 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="rows_per_unit differs"):
         concat_batches(RowBatch(ids[:2], torch.ones(2, 4), torch.zeros(2, 4), 2), RowBatch(ids, torch.ones(3, 4),
                                                                                          torch.zeros(3, 4)))
+
+
+def test_values_outside_the_mask_never_reach_loss_or_gradient():
+    logp = torch.tensor([[-1.0, -1e4, -float("inf")]], dtype=D, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0]])
+    big = torch.tensor([[0.0, 1e4, 0.0]], dtype=D)  # old / ref log-probs that would overflow exp outside the mask
+    losses = [sft_unit_loss(logp, mask), sequence_logprob(logp, mask),
+              grpo_unit_loss(logp[None], mask[None], torch.ones(1, 1, dtype=D), big[None], clip_eps=0.2,
+                             kl_coef=0.1, ref_logprobs=big[None])]
+    for loss in losses:
+        (grad,) = torch.autograd.grad(loss.sum(), logp)
+        assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+        assert float(grad[0, 1:].abs().max()) == 0.0
