@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("drpt_ref.bench_solvers", "time the batched solvers against the exact solver, cvxpy and qpth"),
     "spectrum": ("drpt_ref.spectrum_demo", "every projection of the family on one synthetic problem, vs cvxpy"),
     "build-model": ("drpt_ref.build_model", "pre-train small_models/gpt2-tiny from nothing (deterministic)"),
+    "train": ("drpt_ref.train", "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
     "eval": ("drpt_ref.evaluate", "greedy exact-match accuracy and answer loss on held-out task prompts"),
 }
 

@@ -37,7 +37,11 @@ def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write parameters and optimizer state; the JSON file is written last, so a torn write is never read."""
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (GPT-2's wte = lm_head) are stored once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            tensors[f"model.{k}"] = v.detach().contiguous().cpu()
     names = {id(p): n for n, p in model.named_parameters()}
     scalars: dict[str, dict] = {}
     for group in optimizer.param_groups:
@@ -66,7 +70,12 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
         meta = json.load(f)
     tensors = load_file(os.path.join(run_dir, CKPT_TENSORS))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state)
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    stored = {model.state_dict()[k].data_ptr() for k in model_state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in stored]
+    if untied or unexpected:
+        raise ValueError(f"checkpoint in {run_dir!r} does not match the model: missing {untied}, "
+                         f"unexpected {unexpected}; resume with the same --model.")
     params = dict(model.named_parameters())
     for name, p in params.items():
         state = {key.rsplit(".", 1)[-1]: v.to(p.device) for key, v in tensors.items()

@@ -1,0 +1,195 @@
+"""`drpt train`: SFT, DPO or GRPO on the task suite, every step a Dr. Post-Training step.
+
+    drpt train --paradigm sft --method simplex --steps 50 --seed 0 --out runs/sft-simplex
+    drpt train --paradigm grpo --method capped_simplex --k 4 --per-layer --out runs/grpo-capped
+    drpt train ... --resume            # continue an interrupted run: ends bitwise equal to an uninterrupted one
+
+The loop reads top to bottom: config, data, model, then for each step: draw the units (seeded by
+the step), build the unit batches of the paradigm, take the Dr step (dr_step.py), log, evaluate
+the held-out target task at intervals, checkpoint. The paradigms differ only in their unit loss
+and how a batch is built (train_data.py); the method only in the feasible set.
+
+Outputs in --out: config.json, metrics.jsonl (step, losses, objective, alpha, weights per general
+unit with its source task and group, time per phase, held-out target accuracy and loss at
+intervals), checkpoint.safetensors (+ checkpoint.json), final/ (the model, safetensors).
+
+Shapes: see train_data.py and dr_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drpt_ref import dr_step as dr
+from drpt_ref.evaluate import evaluate_task
+from drpt_ref.loss_dpo import DPOLoss
+from drpt_ref.loss_grpo import GRPOLoss
+from drpt_ref.loss_sft import SFTLoss
+from drpt_ref.run_state import MetricsLog, load_checkpoint, save_checkpoint, step_generator, write_config
+from drpt_ref.tasks import TARGET
+from drpt_ref.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
+from drpt_ref.unit_batch import token_logprobs
+
+PARADIGMS = ("sft", "dpo", "grpo")
+
+
+@dataclass
+class TrainConfig:
+    paradigm: str = "sft"  # sft | dpo | grpo
+    method: str = "simplex"  # the feasible set: any method of drpt_ref.METHODS
+    per_layer: bool = False  # one feasible set per covered linear layer, solved as one batch
+    solver: str = "batched"  # batched (torch) | exact (numpy, one problem at a time) | cvxpy (the reference)
+    gram: str = "ghost"  # ghost (exact, from hooks) | exact (per-unit autograd) | sketch (random projections)
+    sketch_dim: int = 64  # sketch only: the dimension a and e are projected to
+    steps: int = 50  # optimizer steps
+    seed: int = 0  # data sets, per-step draws and GRPO sampling all follow from it
+    n_general: int = 16  # general units per step (the columns of G)
+    m_target: int = 4  # target units per step (their mean gradient is g_T)
+    target_size: int = 32  # the scarce target training set
+    pool_size: int = 2000  # the general pool
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # learning rate of the covered parameters
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    k: float = 4.0  # topk / capped_simplex: units selected
+    tau_rel: float = 0.5  # softmax: temperature relative to the spread of b
+    ridge_rel: float = 0.0  # subspace: ridge relative to the mean diagonal of K
+    radius_rel: float = 0.5  # ball: radius relative to ||g_T - mean||
+    lam: float = 0.5  # mix: the weight of g_T
+    beta: float = 0.1  # DPO temperature
+    group_size: int = 4  # GRPO completions per prompt
+    temperature: float = 1.0  # GRPO sampling temperature
+    reward: str = "exact"  # GRPO reward: exact (0/1) | partial (fraction of correct characters)
+    std_normalize: bool = False  # GRPO: divide advantages by the group std
+    clip_eps: float = 0.0  # GRPO PPO clip (0 = none; the step is on-policy, so the ratio is 1 anyway)
+    kl_coef: float = 0.0  # GRPO k3 KL to the initial model (0 = none)
+    max_new_tokens: int = 8  # GRPO completion length limit
+    eval_every: int = 10  # steps between held-out evaluations (and at the last step)
+    eval_n: int = 200  # held-out target prompts per evaluation
+    checkpoint_every: int = 10  # steps between checkpoints (and at the last step)
+    dtype: str = "float32"  # float32 | float64 (float64 for solver-equivalence runs)
+    device: str = "cpu"  # cpu | cuda
+    model: str = "small_models/gpt2-tiny"  # the starting checkpoint (a local folder; nothing is downloaded)
+    out: str = "runs/default"  # run directory
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    progress: bool = True  # show a progress bar
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.paradigm not in PARADIGMS:
+        raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
+    dr.check_step_args(cfg.method, cfg.solver, cfg.gram)
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={cfg.dtype!r} must be 'float32' or 'float64'.")
+    if cfg.steps < 1 or cfg.n_general < 1 or cfg.m_target < 1:
+        raise ValueError("steps, n_general and m_target must be >= 1.")
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` or pass a path.")
+
+
+def unit_loss_of(cfg: TrainConfig):
+    if cfg.paradigm == "sft":
+        return SFTLoss()
+    if cfg.paradigm == "dpo":
+        return DPOLoss(cfg.beta)
+    return GRPOLoss(cfg.group_size, clip_eps=cfg.clip_eps or None, kl_coef=cfg.kl_coef)
+
+
+def make_batches(cfg: TrainConfig, step: int, tok, model, ref_model, target_set, pool):
+    """(general batch, target batch, the general units drawn) of one step."""
+    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), step_generator(cfg.seed, step, 1)
+    general = draw(pool, cfg.n_general, gen_draw)
+    target = draw(target_set, cfg.m_target, gen_draw)
+    if cfg.paradigm == "sft":
+        return sft_batch(tok, general, cfg.device), sft_batch(tok, target, cfg.device), general
+    if cfg.paradigm == "dpo":
+        return dpo_batch(tok, general, ref_model, cfg.device), dpo_batch(tok, target, ref_model, cfg.device), general
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
+              std_normalize=cfg.std_normalize, device=cfg.device)
+    g_batch, _ = grpo_batch(tok, model, general, cfg.group_size, gen_sample, **kw)
+    t_batch, t_rewards = grpo_batch(tok, model, target, cfg.group_size, gen_sample, **kw)
+    if cfg.kl_coef:
+        for batch in (g_batch, t_batch):
+            with torch.no_grad():
+                batch.extras["ref_logprobs"] = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)
+    return g_batch, t_batch, general
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run (or resume) the training; return the run directory."""
+    check_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    write_config(cfg.out, dataclasses.asdict(cfg), cfg.resume)
+    torch.manual_seed(cfg.seed)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device, dtype).eval()
+    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.paradigm in ("dpo", "grpo") else None
+    params = dr.freeze_uncovered(model)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
+    optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
+    start = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else 0
+    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
+    # ---- data ------------------------------------------------------------------------------------------------
+    target_set, pool = load_sets(cfg.paradigm, cfg.target_size, cfg.pool_size, cfg.seed)
+    unit_loss = unit_loss_of(cfg)
+    knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
+    # ---- loop ------------------------------------------------------------------------------------------------
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        general, target, units = make_batches(cfg, step, tok, model, ref_model, target_set, pool)
+        t_data = time.perf_counter() - t0
+        rec = dr.dr_step(model, optimizer, unit_loss, general, target, cfg.method, knobs, per_layer=cfg.per_layer,
+                         solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step)
+        rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units])
+        rec["seconds"]["data"] = t_data
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split="eval")
+            rec.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_partial=ev["partial"])
+            bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
+        log.write(rec)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(cfg.out, step, model, optimizer)
+    model.save_pretrained(os.path.join(cfg.out, "final"), safe_serialization=True)
+    return cfg.out
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=f.default,
+                                help=f"(default: {f.default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {f.default})")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    out = train(cfg)
+    print(f"run written to {out}")
+    return 0
