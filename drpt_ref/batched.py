@@ -73,8 +73,9 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
 
     max_iter, tol: iteration limit and certificate tolerance of the iterative methods (simplex,
     capped_simplex, cone; tol also for subspace). trace=True stores info["history"] (T, B), the
-    certificate after each iteration; polish=False turns off the active-set polish (to study FISTA
-    alone). validate: "cheap" (O(B n^2), default) or "full" (the eigenvalue test of check_gram).
+    certificate after each iteration (with the polish, row 0 is after the polish at the start);
+    polish=False turns off the active-set polish (to study FISTA alone).
+    validate: "cheap" (O(B n^2), default) or "full" (the eigenvalue test of check_gram).
     """
     K, b, c = check_batch(K, b, c, validate)
     B, n = b.shape
@@ -123,7 +124,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
                 cap = 1.0 / p["k"]
             max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
-            res = solve_qp(K, b, cap, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace)
+            res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace)
             w = res.w
             info.update(converged=res.converged, iterations=res.iterations, certificate=res.certificate,
                         certificate_kind=res.certificate_kind)
