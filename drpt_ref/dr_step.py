@@ -6,6 +6,13 @@
     4. the update assembled from the captured tensors, eq. (10) in theory/gram.md         (gram_update.py)
     5. p.grad = d for every covered parameter, then the optimizer (SGD or AdamW)
 
+Step 3 is either a projection (a method of methods.py, solved) or a *weight rule*: any callable
+rule(ctx: StepContext) -> (alpha, w, info) that reads the step's capture, Gram and (if it asks
+with `needs_hidden = True`) the last hidden states of the same forward pass. The selection
+baselines, ADAPT and HPT are rules (rules.py); they go through steps 4-5 unchanged, and their
+objective 1/2 ||d - g_T||^2 is computed from the Gram by eq. (2) of theory/notation.md, so every
+method logs the same quantities on the same scale.
+
 The covered parameters are the weights and biases of the linear layers (attention and MLP). The
 other parameters (tied token embedding / output head, position embeddings, layer norms) are
 frozen in every method, baselines included, so that all methods train the same parameters and
@@ -21,16 +28,18 @@ Shapes: K (B, n, n), b (B, n), c (B,) with B = 1 (global) or L (per layer); alph
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
-from drpt_ref.batched import project_batched
+from drpt_ref.batched import gram_objective_batched, project_batched
 from drpt_ref.gram import compute_gram, covered_layers, gram_from_capture
 from drpt_ref.gram_ghost import capture
 from drpt_ref.gram_update import assemble_update
 from drpt_ref.methods import METHODS
 from drpt_ref.project import project
+from drpt_ref.rep_features import last_hidden_states
 
 SOLVERS = ("batched", "exact", "cvxpy")
 GRAMS = ("ghost", "exact", "sketch")
@@ -84,8 +93,47 @@ def solve(K, b, c, method: str, params: dict, solver: str):
             torch.tensor([bool(d.info["converged"]) for d in out]))
 
 
-def check_step_args(method: str, solver: str, gram: str) -> None:
-    if method not in METHODS:
+@dataclass
+class StepContext:
+    """What a weight rule may read at one step; everything is from before the update."""
+
+    model: torch.nn.Module
+    cap: object  # gram_ghost.Capture of [general; target]: a, e, batch, losses, n, m
+    K: torch.Tensor  # (B, n, n)
+    b: torch.Tensor  # (B, n)
+    c: torch.Tensor  # (B,)
+    knobs: Knobs
+    step: int  # the optimizer step being taken (1-based in drpt train)
+    seed: int  # the step's seed
+    hidden: torch.Tensor | None = None  # (R, T, d) last hidden states of the capture's rows, if asked for
+    info: dict = field(default_factory=dict)
+
+
+class WeightRule:
+    """Base of the weight rules: the hooks drpt train calls, each a no-op here. Subclasses define __call__."""
+
+    needs_hidden = False  # True: the step records the last hidden states of the capture's forward
+
+    def __call__(self, ctx: StepContext):  # -> alpha (1,) or (B,), w (1, n) or (B, n), info (JSON-able dict)
+        raise NotImplementedError
+
+    def prepare(self, env) -> None:
+        """Work done once before training (e.g. offline selection); skipped when a state is resumed."""
+
+    def restrict_pool(self, pool: list) -> list:
+        """The general pool the steps draw from (the whole pool unless the rule selects offline)."""
+        return pool
+
+    def state_dict(self) -> dict:
+        """JSON-able state that a resumed run needs to continue exactly (saved with each checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
+
+def check_step_args(method: str, solver: str, gram: str, rule=None) -> None:
+    if rule is None and method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {sorted(METHODS)}.")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is unknown; use one of {SOLVERS}.")
@@ -101,12 +149,29 @@ def freeze_uncovered(model) -> list[torch.nn.Parameter]:
     return [p for layer in covered_layers(model) for p in layer.params]
 
 
+def apply_rule(rule, ctx: StepContext):
+    """alpha (B,), w (B, n), objective (B,) by eq. (2), converged (B,), info of a weight rule's choice."""
+    alpha, w, info = rule(ctx)
+    B, n = ctx.b.shape
+    alpha = torch.as_tensor(alpha, dtype=ctx.b.dtype, device=ctx.b.device).reshape(-1).expand(B)  # (B,)
+    w = torch.as_tensor(w, dtype=ctx.b.dtype, device=ctx.b.device).reshape(-1, n).expand(B, n)  # (B, n)
+    objective = gram_objective_batched(ctx.K, ctx.b, ctx.c, alpha, w)  # eq. (2) in theory/notation.md
+    return alpha, w, objective, torch.ones(B, dtype=torch.bool), info
+
+
 def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Knobs, *, per_layer: bool = False,
-            solver: str = "batched", gram: str = "ghost", sketch_dim: int = 64, seed: int = 0) -> dict:
-    """Take one step; return the step's record (losses, objectives, alpha, weights, converged)."""
-    check_step_args(method, solver, gram)
+            solver: str = "batched", gram: str = "ghost", sketch_dim: int = 64, seed: int = 0, rule=None,
+            step: int = 0) -> dict:
+    """Take one step; return the step's record (losses, objectives, alpha, weights, converged, method_info).
+
+    rule: None (project by `method`) or a weight rule, rule(StepContext) -> (alpha, w, info); `method`
+    is then only its name. A rule's (alpha, w) may be global ((1,), (1, n)) or per problem ((B,), (B, n)).
+    """
+    check_step_args(method, solver, gram, rule)
     clock = [time.perf_counter()]
-    cap = capture(model, unit_loss, general, target)  # step 1
+    hidden = last_hidden_states(model) if getattr(rule, "needs_hidden", False) else nullcontext({})
+    with hidden as h:
+        cap = capture(model, unit_loss, general, target)  # step 1 (and the last hidden states, if asked for)
     clock.append(time.perf_counter())
     if gram == "exact":  # the reference engine: per-unit gradients by autograd
         G = compute_gram(model, unit_loss, general, target, "exact")
@@ -116,9 +181,13 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
         K, b, c = G.K, G.b, G.c  # (L, n, n), (L, n), (L,)
     else:
         K, b, c = (x.unsqueeze(0) for x in G.total())  # (1, n, n), (1, n), (1,)
-    params = method_params(method, knobs, K, b, c)
     clock.append(time.perf_counter())
-    alpha, w, objective, converged = solve(K, b, c, method, params, solver)  # step 3
+    if rule is None:  # step 3: a projection ...
+        alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
+        info = {}
+    else:  # ... or a weight rule
+        ctx = StepContext(model, cap, K, b, c, knobs, step, seed, h.get("hidden"))
+        alpha, w, objective, converged, info = apply_rule(rule, ctx)
     clock.append(time.perf_counter())
     coef_alpha, coef_w = (alpha, w) if per_layer else (alpha[0], w[0])
     update = assemble_update(cap, coef_alpha, coef_w)  # step 4: name -> d
@@ -137,5 +206,6 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
         "weights": w.tolist(),  # (B, n)
         "converged": bool(converged.all()),
         "gram_c": c.tolist(),
+        "method_info": info,  # what a weight rule reports (selected units, scores, ...); {} for projections
         "seconds": dict(zip(PHASES, (t1 - t0 for t0, t1 in zip(clock, clock[1:])))),
     }

@@ -2,16 +2,22 @@
 
     drpt train --paradigm sft --method simplex --steps 50 --seed 0 --out runs/sft-simplex
     drpt train --paradigm grpo --method capped_simplex --k 4 --per-layer --out runs/grpo-capped
+    drpt train --paradigm sft --method less --less-mode offline --out runs/sft-less   # a selection baseline
+    drpt train --paradigm hpt --method hpt --hpt-gamma 0 --out runs/hpt                 # Hybrid Post-Training
     drpt train ... --resume            # continue an interrupted run: ends bitwise equal to an uninterrupted one
 
 The loop reads top to bottom: config, data, model, then for each step: draw the units (seeded by
 the step), build the unit batches of the paradigm, take the Dr step (dr_step.py), log, evaluate
 the held-out target task at intervals, checkpoint. The paradigms differ only in their unit loss
-and how a batch is built (train_data.py); the method only in the feasible set.
+and how a batch is built (train_data.py, hpt.py); the method only in how (alpha, w) is chosen: a
+projection onto its feasible set (methods.py), or a weight rule looked up by name in the registry
+(rules.py: random, less, rds, adapt, adapt_softmax, hpt). A rule's state (LESS's offline subset,
+ADAPT's anchor centroid) is saved with each checkpoint in rule_state.json, so --resume stays exact.
 
 Outputs in --out: config.json, metrics.jsonl (step, losses, objective, alpha, weights per general
 unit with its source task and group, time per phase, held-out target accuracy and loss at
-intervals), checkpoint.safetensors (+ checkpoint.json), final/ (the model, safetensors).
+intervals, method_info of a weight rule, batch_info: HPT's gate counts), checkpoint.safetensors
+(+ checkpoint.json, rule_state.json), final/ (the model, safetensors).
 
 Shapes: see train_data.py and dr_step.py.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -31,21 +38,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import dr_step as dr
 from drpt_ref.evaluate import evaluate_task
+from drpt_ref.hpt import HPTLoss, hpt_batch
 from drpt_ref.loss_dpo import DPOLoss
 from drpt_ref.loss_grpo import GRPOLoss
 from drpt_ref.loss_sft import SFTLoss
+from drpt_ref.rules import RuleEnv, check_method_name, make_rule
 from drpt_ref.run_state import MetricsLog, load_checkpoint, save_checkpoint, step_generator, write_config
 from drpt_ref.tasks import TARGET
 from drpt_ref.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
 from drpt_ref.unit_batch import token_logprobs
 
-PARADIGMS = ("sft", "dpo", "grpo")
+PARADIGMS = ("sft", "dpo", "grpo", "hpt")
+RULE_STATE = "rule_state.json"
 
 
 @dataclass
 class TrainConfig:
-    paradigm: str = "sft"  # sft | dpo | grpo
-    method: str = "simplex"  # the feasible set: any method of drpt_ref.METHODS
+    paradigm: str = "sft"  # sft | dpo | grpo | hpt (HPT units: SFT or RL per prompt, hpt.py)
+    method: str = "simplex"  # a feasible set of drpt_ref.METHODS, or a weight rule of rules.RULES
     per_layer: bool = False  # one feasible set per covered linear layer, solved as one batch
     solver: str = "batched"  # batched (torch) | exact (numpy, one problem at a time) | cvxpy (the reference)
     gram: str = "ghost"  # ghost (exact, from hooks) | exact (per-unit autograd) | sketch (random projections)
@@ -81,12 +91,29 @@ class TrainConfig:
     out: str = "runs/default"  # run directory
     resume: bool = False  # continue the run in --out from its last checkpoint
     progress: bool = True  # show a progress bar
+    # ---- weight rules (rules.py): selection baselines, ADAPT, HPT -------------------------------------------------
+    less_mode: str = "online"  # less: online (top-k of each batch) | offline (a subset of the pool chosen once)
+    less_dim: int = 16  # less: projection dimension per side of the Kronecker sketch (dim^2 numbers per layer)
+    less_fraction: float = 0.05  # less offline: fraction of the pool kept (at least n_general units)
+    rds_pool: str = "last"  # rds: last (hidden state of each row's last token, as LESS's RDS) | mean (answer mean)
+    adapt_tau: float = 1.0  # adapt: gate temperature, sigmoid(score / tau) (softmax variant: softmax(score / tau))
+    adapt_refresh: int = 10  # adapt: R, steps between re-encodings of the anchors (the target set)
+    adapt_ramp: float = 1.0  # adapt: pooling weights ∝ (1 - r) + r t / N (1: ∝ t, as reported; 0: plain mean)
+    adapt_tokens: str = "answer"  # adapt: pooled positions, answer | all (every real token)
+    adapt_score: str = "mean_cosine"  # adapt: mean_cosine (phi . mean anchor phi) | centroid_cosine
+    adapt_reduction: str = "sum"  # adapt: weights / sum (sum) | / n (mean) | raw (none)
+    adapt_w_max: float = 10.0  # adapt: upper clip of a gate weight
+    hpt_gamma: int = 0  # hpt: SFT on the demonstration when at most gamma of the group are correct, else RL
+    hpt_sft_coef: float = 1.0  # hpt: the coefficient of the SFT term
 
 
 def check_config(cfg: TrainConfig) -> None:
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
-    dr.check_step_args(cfg.method, cfg.solver, cfg.gram)
+    check_method_name(cfg.method, cfg.paradigm)
+    dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=True)
+    if cfg.paradigm == "hpt" and cfg.kl_coef:
+        raise ValueError("kl_coef must be 0 for paradigm 'hpt' (HPT's loss has no KL term).")
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
     if cfg.dtype not in ("float32", "float64"):
@@ -102,7 +129,26 @@ def unit_loss_of(cfg: TrainConfig):
         return SFTLoss()
     if cfg.paradigm == "dpo":
         return DPOLoss(cfg.beta)
+    if cfg.paradigm == "hpt":
+        return HPTLoss(cfg.group_size, sft_coef=cfg.hpt_sft_coef, clip_eps=cfg.clip_eps or None,
+                       std_normalize=cfg.std_normalize)
     return GRPOLoss(cfg.group_size, clip_eps=cfg.clip_eps or None, kl_coef=cfg.kl_coef)
+
+
+def build_batch(cfg: TrainConfig, tok, model, ref_model, units: list, gen_sample: torch.Generator):
+    """The unit batch of the paradigm for the given units (GRPO/HPT sample their groups from gen_sample)."""
+    if cfg.paradigm == "sft":
+        return sft_batch(tok, units, cfg.device)
+    if cfg.paradigm == "dpo":
+        return dpo_batch(tok, units, ref_model, cfg.device)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward, device=cfg.device)
+    if cfg.paradigm == "hpt":
+        return hpt_batch(tok, model, units, cfg.group_size, gen_sample, cfg.hpt_gamma, **kw)[0]
+    batch, _ = grpo_batch(tok, model, units, cfg.group_size, gen_sample, std_normalize=cfg.std_normalize, **kw)
+    if cfg.kl_coef:
+        with torch.no_grad():
+            batch.extras["ref_logprobs"] = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)
+    return batch
 
 
 def make_batches(cfg: TrainConfig, step: int, tok, model, ref_model, target_set, pool):
@@ -110,19 +156,42 @@ def make_batches(cfg: TrainConfig, step: int, tok, model, ref_model, target_set,
     gen_draw, gen_sample = step_generator(cfg.seed, step, 0), step_generator(cfg.seed, step, 1)
     general = draw(pool, cfg.n_general, gen_draw)
     target = draw(target_set, cfg.m_target, gen_draw)
-    if cfg.paradigm == "sft":
-        return sft_batch(tok, general, cfg.device), sft_batch(tok, target, cfg.device), general
-    if cfg.paradigm == "dpo":
-        return dpo_batch(tok, general, ref_model, cfg.device), dpo_batch(tok, target, ref_model, cfg.device), general
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
-              std_normalize=cfg.std_normalize, device=cfg.device)
-    g_batch, _ = grpo_batch(tok, model, general, cfg.group_size, gen_sample, **kw)
-    t_batch, t_rewards = grpo_batch(tok, model, target, cfg.group_size, gen_sample, **kw)
-    if cfg.kl_coef:
-        for batch in (g_batch, t_batch):
-            with torch.no_grad():
-                batch.extras["ref_logprobs"] = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)
-    return g_batch, t_batch, general
+    g_batch = build_batch(cfg, tok, model, ref_model, general, gen_sample)  # general first: the sampling order
+    return g_batch, build_batch(cfg, tok, model, ref_model, target, gen_sample), general
+
+
+def batch_info(general, target) -> dict:
+    """What the batches say beyond the losses: HPT's gate counts (units sent to SFT); {} for other paradigms."""
+    if "sft" not in general.extras:
+        return {}
+    count = lambda b: int(b.extras["sft"].reshape(b.num_units, -1)[:, 0].sum())  # noqa: E731
+    return {"sft_units_general": count(general), "sft_units_target": count(target)}
+
+
+def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, pool):
+    """The weight rule of cfg.method (None for a projection), prepared or resumed; and the pool to draw from."""
+    gen = step_generator(cfg.seed, 0, 2)  # step 0: the offline work before training
+    env = RuleEnv(cfg, tok, model, unit_loss, target_set, pool,
+                  lambda units: build_batch(cfg, tok, model, ref_model, units, gen))
+    rule = make_rule(cfg.method, env)
+    if rule is None:
+        return None, pool
+    path = os.path.join(cfg.out, RULE_STATE)
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            rule.load_state_dict(json.load(f))
+    else:
+        rule.prepare(env)
+    return rule, rule.restrict_pool(pool)
+
+
+def save_rule_state(run_dir: str, rule) -> None:
+    if rule is None:
+        return
+    tmp = os.path.join(run_dir, RULE_STATE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(rule.state_dict(), f)
+    os.replace(tmp, os.path.join(run_dir, RULE_STATE))
 
 
 def train(cfg: TrainConfig) -> str:
@@ -143,8 +212,10 @@ def train(cfg: TrainConfig) -> str:
     start = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else 0
     log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
     # ---- data ------------------------------------------------------------------------------------------------
-    target_set, pool = load_sets(cfg.paradigm, cfg.target_size, cfg.pool_size, cfg.seed)
+    target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
+                                 cfg.pool_size, cfg.seed)
     unit_loss = unit_loss_of(cfg)
+    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool)
     knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
     # ---- loop ------------------------------------------------------------------------------------------------
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
@@ -153,8 +224,10 @@ def train(cfg: TrainConfig) -> str:
         general, target, units = make_batches(cfg, step, tok, model, ref_model, target_set, pool)
         t_data = time.perf_counter() - t0
         rec = dr.dr_step(model, optimizer, unit_loss, general, target, cfg.method, knobs, per_layer=cfg.per_layer,
-                         solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step)
-        rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units])
+                         solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step,
+                         rule=rule, step=step)
+        rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units],
+                   batch_info=batch_info(general, target))
         rec["seconds"]["data"] = t_data
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split="eval")
@@ -162,6 +235,7 @@ def train(cfg: TrainConfig) -> str:
             bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
         log.write(rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_rule_state(cfg.out, rule)
             save_checkpoint(cfg.out, step, model, optimizer)
     model.save_pretrained(os.path.join(cfg.out, "final"), safe_serialization=True)
     return cfg.out

@@ -1,0 +1,100 @@
+"""The registry of training methods that are weight rules, not projections: name -> a small factory.
+
+`drpt train --method NAME` takes the Dr step with either a projection (a method of methods.py,
+solved by dr_step.solve) or the weight rule built here. Every rule returns (alpha, w) for the same
+update assembly, so all methods train the same covered parameters with the same optimizer and log
+the same metrics (theory/unified_view.md has the table).
+
+    random          baselines.RandomRule     k uniformly random general units, w = 1/k
+    less            baselines.LessRule       top-k by projected-gradient cosine; --less-mode online | offline
+    rds             baselines.RdsRule        top-k by hidden-state cosine to the target units
+    adapt           adapt.AdaptRule          sigmoid(score / tau) gate on every unit, anchors re-encoded every R steps
+    adapt_softmax   adapt.AdaptRule          softmax(score / tau) over the batch
+    hpt             TargetRule               alpha = 1, w = 0 under --paradigm hpt: HPT on the target task's units
+
+Shapes: none here; see dr_step.StepContext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from drpt_ref.adapt import AdaptConfig, AdaptRule
+from drpt_ref.baselines import LessRule, RandomRule, RdsRule
+from drpt_ref.dr_step import StepContext, WeightRule
+from drpt_ref.methods import METHODS
+from drpt_ref.tasks_base import Pair, RLPrompt, Sample
+from drpt_ref.train_data import rows_batch
+from drpt_ref.unit_batch import RowBatch
+
+
+@dataclass
+class RuleEnv:
+    """What a factory (and a rule's offline `prepare`) may use; built once by drpt train."""
+
+    cfg: object  # train.TrainConfig
+    tok: object
+    model: torch.nn.Module
+    unit_loss: Callable
+    target_set: list
+    pool: list
+    build: Callable[[list], RowBatch]  # units -> the paradigm's unit batch (seeded sampling for grpo/hpt)
+
+
+class TargetRule(WeightRule):
+    """alpha = 1, w = 0: the target units' own gradient. Under --paradigm hpt that is HPT itself."""
+
+    def __call__(self, ctx: StepContext):
+        return torch.ones(1), torch.zeros(1, ctx.b.shape[-1]), {}
+
+
+def demonstration(item) -> str:
+    """The correct answer shown for a target item: an SFT answer, a DPO chosen, a GRPO/HPT reference."""
+    if isinstance(item, Sample):
+        return item.answer
+    if isinstance(item, Pair):
+        return item.chosen
+    if isinstance(item, RLPrompt):
+        return item.reference
+    raise ValueError(f"item of type {type(item).__name__} has no demonstration")
+
+
+def anchor_batch(env: RuleEnv) -> RowBatch:
+    """The target set as (prompt, demonstration) rows: ADAPT's anchors."""
+    items = env.target_set
+    return rows_batch(env.tok, [x.prompt for x in items], [demonstration(x) for x in items], 1, env.cfg.device)
+
+
+def _adapt(env: RuleEnv, softmax: bool) -> AdaptRule:
+    c = env.cfg
+    cfg = AdaptConfig(tau=c.adapt_tau, refresh=c.adapt_refresh, ramp=c.adapt_ramp, tokens=c.adapt_tokens,
+                      score=c.adapt_score, reduction=c.adapt_reduction, w_max=c.adapt_w_max, softmax=softmax)
+    return AdaptRule(cfg, anchor_batch(env))
+
+
+RULES: dict[str, Callable[[RuleEnv], WeightRule]] = {
+    "random": lambda env: RandomRule(),
+    "less": lambda env: LessRule(env.cfg.less_mode, env.cfg.less_dim, seed=env.cfg.seed, fraction=env.cfg.less_fraction,
+                                 min_size=env.cfg.n_general),
+    "rds": lambda env: RdsRule(env.cfg.rds_pool),
+    "adapt": lambda env: _adapt(env, softmax=False),
+    "adapt_softmax": lambda env: _adapt(env, softmax=True),
+    "hpt": lambda env: TargetRule(),
+}
+
+ALL_METHODS = tuple(METHODS) + tuple(RULES)  # everything --method accepts
+
+
+def check_method_name(method: str, paradigm: str) -> None:
+    if method not in ALL_METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {ALL_METHODS}.")
+    if method == "hpt" and paradigm != "hpt":
+        raise ValueError("method='hpt' runs under paradigm='hpt' only (its units are HPT units).")
+
+
+def make_rule(method: str, env: RuleEnv) -> WeightRule | None:
+    """The weight rule of `method`, or None when it is a projection of the Dr family."""
+    return None if method in METHODS else RULES[method](env)
