@@ -15,7 +15,8 @@ import sys
 
 # command -> (module, one-line help). Add a line here when a new job gets a command.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("drpt_ref.bench_solvers", "time the batched solvers against the exact solver, cvxpy and qpth"),
+    "bench": ("drpt_ref.bench", "benchmarks: `bench solvers` (batched vs exact, cvxpy, qpth), `bench step` (Dr vs standard)"),
+    "bias-variance": ("drpt_ref.bias_variance", "measured bias and variance of each method's direction by resampling"),
     "spectrum": ("drpt_ref.spectrum_demo", "every projection of the family on one synthetic problem, vs cvxpy"),
     "build-model": ("drpt_ref.build_model", "pre-train small_models/gpt2-tiny from nothing (deterministic)"),
     "train": ("drpt_ref.train", "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
