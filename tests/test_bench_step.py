@@ -1,0 +1,67 @@
+"""`drpt bench step --quick` on tests/tiny_lm.py's model: the table has every phase, method and Gram engine, and
+positive ratios. No timing assertions: speed is what the benchmark prints, never what a test asserts."""
+
+import pytest
+from tiny_lm import write_tiny_model
+
+from drpt_ref.cli import main
+from drpt_ref.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    model = write_tiny_model(folder / "model")
+    out = folder / "bench_step.md"
+    assert main(["bench", "step", "--quick", "--repeat", "1", "--model", model, "--out", str(out)]) == 0
+    return out.read_text()
+
+
+def _rows(text: str, first_col: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_col} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_phase_method_and_engine(table):
+    header = next(line for line in table.splitlines() if line.startswith("| n | T | method |"))
+    for col in ("fwd+bwd ms", "gram ms", "solve ms", "update ms", "total ms", "ratio to standard", "peak MB"):
+        assert col in header
+    rows = _rows(table, "n | T | method")
+    cells = {(r[0], r[1]) for r in rows}
+    assert len(cells) == 2  # the quick grid
+    for cell in cells:
+        configs = {(r[2], r[3]) for r in rows if (r[0], r[1]) == cell}
+        assert ("standard", "-") in configs
+        assert {(m, "ghost") for m in METHODS} <= configs
+        assert {("simplex", "exact"), ("simplex", "sketch")} <= configs
+    for r in rows:
+        assert all(float(x.replace(",", "")) >= 0 for x in r[4:9])
+        assert float(r[9].rstrip("x")) > 0
+        assert float(r[10]) >= 0 or r[10] == "nan"
+    assert "no GPU in this run" in table
+
+
+def test_summary_and_crossover(table):
+    summary = _rows(table, "n | T | ghost")
+    assert len(summary) == 2 and all(float(c.split("x")[0]) > 0 for r in summary for c in r[2:5])
+    cross = _rows(table, "n | T | pair ms")
+    assert [int(r[1]) for r in cross] == [8, 16, 32]
+    assert all(r[5] in ("pair", "materialize") and float(r[4]) > 0 for r in cross)
+
+
+def test_bench_solvers_still_dispatches(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "solvers", "--help"])
+    assert exit_info.value.code == 0
+    assert "--cvxpy-samples" in capsys.readouterr().out
+
+
+def test_bad_grid(tmp_path):
+    with pytest.raises(ValueError, match="--grid"):
+        main(["bench", "step", "--grid", "4by16", "--model", write_tiny_model(tmp_path / "m")])
