@@ -1,13 +1,13 @@
 """ADAPT (arXiv 2605.05227): online reweighting that keeps every sample, weights from representation similarity.
 
 The method as reported by third parties (notes/adapt_hpt.md, section 1; the official code was not
-available), eqs. (10)-(12) in theory/unified_view.md:
+available), eqs. (9)-(11) in theory/unified_view.md:
 
     phi(x)  = L2-normalise( sum_t omega_t h_t ),  omega_t ∝ (1 - r) + r t / N     the model's own last hidden
                                                                                   states, later tokens weigh more
-    s(x)    = phi(x) . c,  c = mean_v phi(v) over the anchors (the target set)    eq. (11) "mean_cosine"
+    s(x)    = phi(x) . c,  c = mean_v phi(v) over the anchors (the target set)    eq. (10) "mean_cosine"
             | cos(phi(x), c)                                                      "centroid_cosine"
-    w(x)    = min(sigmoid(s(x) / max(tau, eps)), w_max)    (no gradient)          eq. (12) sigmoid gate
+    w(x)    = min(sigmoid(s(x) / max(tau, eps)), w_max)    (no gradient)          eq. (11) sigmoid gate
             | softmax_i(s / tau) over the general batch                           the softmax variant
     then w <- w / sum w ("sum"), w / n ("mean"), or w ("none")                   the reduction
 
@@ -80,7 +80,7 @@ def anchor_centroid(anchor_features: torch.Tensor, score: str) -> torch.Tensor:
 
 
 def adapt_weights(scores: torch.Tensor, cfg: AdaptConfig) -> torch.Tensor:
-    """Scores (n,) -> weights (n,), eq. (12); detached: the weights are constants of the step."""
+    """Scores (n,) -> weights (n,), eq. (11); detached: the weights are constants of the step."""
     s = scores.detach()
     if cfg.softmax:
         return torch.softmax(s / cfg.tau, dim=-1)
@@ -115,7 +115,7 @@ class AdaptRule(WeightRule):
             self.encode(ctx.model, ctx.step)
         n = ctx.cap.n
         phi = adapt_features(ctx.hidden, ctx.cap.batch, self.cfg)[:n]  # (n, d) the general units
-        scores = phi @ self.centroid.to(phi)  # (n,) eq. (11)
+        scores = phi @ self.centroid.to(phi)  # (n,) eq. (10)
         w = adapt_weights(scores, self.cfg)
         return torch.zeros(1), w[None], {"scores": scores.tolist(), "anchors_encoded_at": self.encoded_at}
 

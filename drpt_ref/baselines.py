@@ -109,7 +109,7 @@ class LessRule(WeightRule):
         self.subset: list[int] | None = None  # offline: pool indices kept, ascending
 
     def scores(self, cap: Capture) -> torch.Tensor:
-        """cos(P g_i, P g_T) of the capture's n general units. -> (n,)"""
+        """cos(P g_i, P g_T) of the capture's n general units, eq. (4) in theory/unified_view.md. -> (n,)"""
         feats = sketch_features(cap, self.dim, self.seed)  # (n + m, F)
         return cosine_scores(feats[:cap.n], feats[cap.n:].mean(0))
 

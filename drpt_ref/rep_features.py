@@ -9,7 +9,7 @@ from it.
 Pooling of one row over its selected positions t = 1..N (the answer tokens, or all real tokens):
 
     last          phi = h_N                                                       (RDS, as LESS's code)
-    ramp (r)      phi = sum_t omega_t h_t,  omega_t ∝ (1 - r) + r t / N,  sum omega = 1    eq. (10) in
+    ramp (r)      phi = sum_t omega_t h_t,  omega_t ∝ (1 - r) + r t / N,  sum omega = 1    eq. (9) in
                   theory/unified_view.md; r = 1 is ADAPT's reported omega_t = t / sum_j j, r = 0 the plain mean
 
 A unit's feature is the mean of its rows' features (one row for SFT; chosen and rejected for DPO; the
@@ -53,7 +53,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def ramp_weights(mask: torch.Tensor, ramp: float) -> torch.Tensor:
-    """omega_t ∝ (1 - r) + r t / N over each row's selected positions (t = 1..N), sum 1, eq. (10). (R, T) -> (R, T)"""
+    """omega_t ∝ (1 - r) + r t / N over each row's selected positions (t = 1..N), sum 1, eq. (9). (R, T) -> (R, T)"""
     if not 0.0 <= ramp <= 1.0:
         raise ValueError(f"ramp must be in [0, 1] (0 = plain mean, 1 = weights proportional to t), got {ramp}")
     m = mask.bool()

@@ -1,30 +1,30 @@
 """The unified policy-gradient estimator (UPGE, arXiv 2509.04419): SFT and RL as one formula, four parts.
 
-Per completion token t (eq. (4) in theory/unified_view.md):
+Per completion token t (eq. (5) in theory/unified_view.md):
 
     grad_uni = 1_stable * (1 / pi_ref) * A * grad pi_theta
 
 realised as the surrogate loss whose gradient is exactly that (the mask and pi_ref are constants):
 
     s_t = - 1_stable,t * A * pi_theta(y_t) / pi_ref(y_t).detach()
-        = - 1_stable,t * A * exp(log pi_theta - log pi_ref.detach())                        eq. (5)
+        = - 1_stable,t * A * exp(log pi_theta - log pi_ref.detach())                        eq. (6)
 
 The four exchangeable parts, each a small function:
 
     stabilization mask   stable_none            1
                          stable_ppo_clip(eps)   0 where PPO's clip is active: A > 0, rho > 1 + eps or A < 0,
-                                                rho < 1 - eps (rho = pi_theta / pi_old); 1 elsewhere   eq. (6)
+                                                rho < 1 - eps (rho = pi_theta / pi_old); 1 elsewhere   eq. (7)
     denominator pi_ref   ref_pi_theta           pi_theta, detached   -> 1/pi grad pi = grad log pi (SFT, REINFORCE)
                          ref_pi_old             pi_old               -> the importance ratio (PPO, GRPO)
                          ref_one                1                    -> grad pi_theta itself (LUFFY/SRFT off-policy)
     advantage A          adv_one                1                     (SFT)
                          adv_reward             r                     (REINFORCE)
                          adv_group(std)         r - mean_g r [/ std]  (GRPO; loss_grpo.group_advantages)
-    likelihood gradient  the surrogate pi_theta / pi_ref.detach() of eq. (5) (`upge_token_surrogate`)
+    likelihood gradient  the surrogate pi_theta / pi_ref.detach() of eq. (6) (`upge_token_surrogate`)
 
 Named instances (`INSTANCES`): sft, reinforce, ppo_clip, grpo, off_policy. The reduction is the token
 mean over each unit's rows (one prompt with its G rows; the normaliser is the unit's completion
-token count, as loss_grpo.py eq. (8)), so every instance gives one loss per unit.
+token count, as eq. (8) in theory/losses.md), so every instance gives one loss per unit.
 
 Shapes:
     logprobs, mask, old_logprobs (U, G, T - 1); rewards (U, G) -> advantages (U, G) -> loss (U,)
@@ -47,7 +47,7 @@ def stable_none(ratio: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
 
 
 def stable_ppo_clip(eps: float) -> Callable:
-    """The gradient mask of PPO's clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A), eq. (6)."""
+    """The gradient mask of PPO's clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A), eq. (7)."""
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
 
@@ -96,11 +96,11 @@ def adv_group(std_normalize: bool) -> Callable:
 
 
 def upge_token_surrogate(logprobs, mask, advantages, log_ref, stable) -> torch.Tensor:
-    """Per-token s_t of eq. (5); 0 off the mask. logprobs, mask, log_ref (U, G, T-1), advantages (U, G)."""
+    """Per-token s_t of eq. (6); 0 off the mask. logprobs, mask, log_ref (U, G, T-1), advantages (U, G)."""
     mask = mask.bool()
     adv = advantages.to(logprobs.dtype)[..., None]  # (U, G, 1)
     # where before exp: off the mask log_ref may be padding, and nothing may overflow into inf * 0 = nan
-    ratio = torch.exp(torch.where(mask, logprobs - log_ref.detach(), 0.0))  # pi_theta / pi_ref, eq. (5)
+    ratio = torch.exp(torch.where(mask, logprobs - log_ref.detach(), 0.0))  # pi_theta / pi_ref, eq. (6)
     one = stable(ratio, adv)  # (U, G, T-1) the stabilization mask
     return torch.where(mask, -one * adv * ratio, 0.0)
 
@@ -123,7 +123,7 @@ class Estimator:
     advantage: Callable  # rewards -> advantages
 
     def unit_loss(self, logprobs, mask, rewards, old_logprobs=None) -> torch.Tensor:
-        """The surrogate's per-unit value; its gradient is eq. (4) token-averaged. -> (U,)"""
+        """The surrogate's per-unit value; its gradient is eq. (5) token-averaged. -> (U,)"""
         if logprobs.dim() != 3 or mask.shape != logprobs.shape:
             raise ValueError(f"logprobs and mask must both be (U, G, T - 1); got {tuple(logprobs.shape)}, "
                              f"{tuple(mask.shape)}")

@@ -1,7 +1,7 @@
 """ADAPT (issue 6): the pooling ramp, the score and the gate on hand-built cases; no gradient through the weights.
 
 Every expected number here is written out by hand from the formulas of theory/unified_view.md,
-eqs. (10)-(12), not by calling the code under test.
+eqs. (9)-(11), not by calling the code under test.
 """
 
 import math
