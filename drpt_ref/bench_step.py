@@ -5,15 +5,18 @@ randomly initialised GPT-2 of the shape of --model (n_positions raised to the lo
 
     standard   one forward/backward of the mean general loss over the n units, then the optimizer
                (the covered parameters only, as in every Dr method; written here, not in dr_step)
-    Dr         dr_step for each method with the ghost Gram, and for --gram-methods with the exact and the
-               sketch Gram: capture (forward+backward), Gram, solve, update (assembly + optimizer)
+    Dr         dr_step for each method with the ghost Gram (its per-layer form by the cost rule, "auto"), and
+               for --gram-methods also with: ghost-mat (the same step, every layer's ghost Gram forced to
+               materialized per-unit gradients), the exact Gram (per-unit autograd) and the sketch Gram;
+               phases: capture (forward+backward over n + m units), Gram, solve, update (assembly + optimizer)
 
-(median of --repeat runs after one warm-up), prints each config's time as a ratio to the standard step,
-and the peak memory of the step over the memory before it (CPU: the process's peak resident set,
-reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). A second table times the
-two exact ghost forms on the same capture, the token-pair form against materialized per-unit layer
-gradients (gram_from_capture with ghost_mode "pair" / "materialize"), as T grows: where one overtakes
-the other, against the cost rule 2 T_u^2 <= d_in d_out (eq. (5) in theory/gram.md).
+Runs are interleaved (each repeat runs every config once; the median per phase is kept), so that load
+from other processes falls on all configs alike; each config's total is printed as a ratio to the
+standard step, with the peak memory of the step over the memory before it (CPU: the process's peak
+resident set, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). A second
+table times the two exact ghost forms on the same capture, the token-pair form against materialized
+per-unit layer gradients (gram_from_capture with ghost_mode "pair" / "materialize"), as T grows: where
+one overtakes the other, against the cost rule 2 T_u^2 <= d_in d_out (eq. (5) in theory/gram.md).
 
 Shapes: general input_ids (n, T), target input_ids (m, T); loss mask on the second half of each row.
 """
@@ -28,11 +31,13 @@ import os
 import platform
 import statistics
 import time
+from unittest import mock
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, GPT2LMHeadModel
 
+from drpt_ref import dr_step as dr_step_module
 from drpt_ref.bench_solvers import cpu_name
 from drpt_ref.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
 from drpt_ref.gram import gram_from_capture
@@ -41,7 +46,7 @@ from drpt_ref.loss_sft import SFTLoss
 from drpt_ref.methods import METHODS
 from drpt_ref.unit_batch import RowBatch, token_logprobs
 
-GRAMS = ("ghost", "exact", "sketch")
+ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +57,8 @@ def add_arguments(parser) -> None:
                                                           "(default 16x16:32:64:128:256)")
     parser.add_argument("--m-target", type=int, default=4, help="target units per step")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated Dr methods (ghost Gram)")
-    parser.add_argument("--gram-methods", default="simplex", help="methods also run with the exact and sketch Gram")
+    parser.add_argument("--gram-methods", default="simplex",
+                        help="methods also run with the ghost-mat (materialize forced), exact and sketch Gram")
     parser.add_argument("--sketch-dim", type=int, default=32, help="sketch Gram: projection dimension")
     parser.add_argument("--model", default="small_models/gpt2-tiny", help="folder whose config gives the shape")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per config (the median is kept)")
@@ -156,39 +162,54 @@ def standard_step(model, optimizer, unit_loss, general: RowBatch) -> dict:
     return {"forward_backward": t1 - t0, "gram": 0.0, "solve": 0.0, "update": time.perf_counter() - t1}
 
 
-def time_config(step_fn, device, repeat: int) -> dict:
-    """Median seconds per phase (and total) of `repeat` runs after one warm-up; peak MB of the worst run."""
-    step_fn()  # warm-up
-    runs, peak = [], 0.0
-    for _ in range(repeat):
+def time_run(step_fn, device) -> dict:
+    """Seconds per phase, total and peak MB of one run of step_fn."""
+    _sync(device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        sec = step_fn()
         _sync(device)
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            sec = step_fn()
-            _sync(device)
-            sec["total"] = time.perf_counter() - t0
-        runs.append(sec)
-        peak = max(peak, mem.mb)
-    return {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "total")} | {"peak_mb": peak}
+        sec["total"] = time.perf_counter() - t0
+    return sec | {"peak_mb": mem.mb}
 
 
-def _dr_seconds(model, optimizer, loss, general, target, method, knobs, gram, sketch_dim) -> dict:
-    return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram, sketch_dim=sketch_dim)["seconds"]
+def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, sketch_dim) -> dict:
+    gram = "ghost" if engine == "ghost-mat" else engine
+    if engine != "ghost-mat":
+        return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram,
+                       sketch_dim=sketch_dim)["seconds"]
+    # ghost-mat: the same dr_step with the ghost Gram's per-layer form forced to materialized gradients
+    forced = functools.partial(gram_from_capture, ghost_mode="materialize")
+    with mock.patch.object(dr_step_module, "gram_from_capture", forced):
+        return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram)["seconds"]
 
 
 def bench_cell(model, n: int, T: int, args, device, configs, gen) -> list[dict]:
-    """Every config on one (n, T) cell, the standard step first."""
+    """Every config on one (n, T) cell, the standard step first.
+
+    Runs are interleaved (repeat r runs every config once), so that load from other processes falls on all
+    configs alike; each config keeps the median of its runs per phase and the largest peak memory.
+    """
     vocab = model.config.vocab_size
     general, target = token_batch(n, T, vocab, gen, device), token_batch(args.m_target, T, vocab, gen, device)
-    loss, knobs, rows = SFTLoss(), Knobs(), []
-    for method, gram in [("standard", "-")] + configs:
+    loss, knobs, fns = SFTLoss(), Knobs(), []
+    for method, engine in [("standard", "-")] + configs:
         m = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         if method == "standard":
-            fn = functools.partial(standard_step, m, opt, loss, general)
+            fns.append(functools.partial(standard_step, m, opt, loss, general))
         else:
-            fn = functools.partial(_dr_seconds, m, opt, loss, general, target, method, knobs, gram, args.sketch_dim)
-        rows.append(dict(n=n, T=T, method=method, engine=gram, **time_config(fn, device, args.repeat)))
+            fns.append(functools.partial(_dr_seconds, m, opt, loss, general, target, method, knobs, engine,
+                                         args.sketch_dim))
+    for fn in fns:
+        fn()  # warm-up
+    runs = [[time_run(fn, device) for fn in fns] for _ in range(args.repeat)]  # (repeat, configs)
+    rows = []
+    for i, (method, engine) in enumerate([("standard", "-")] + configs):
+        mine = [rep[i] for rep in runs]
+        rows.append(dict(n=n, T=T, method=method, engine=engine,
+                         **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
+                         peak_mb=max(r["peak_mb"] for r in mine)))
     base = rows[0]["total"]
     for r in rows:
         r["ratio"] = r["total"] / base
@@ -227,11 +248,11 @@ def render(rows, cross, header) -> str:
                                        + [ms(r[k]) for k in (*PHASES, "total")]
                                        + [f"{r['ratio']:.2f}x", f"{r['peak_mb']:.1f}"]) + " |")
     lines += ["", "## Dr step / standard step, per cell (range over methods)", "",
-              "| n | T | ghost | exact | sketch |", "|---|---|---|---|---|"]
+              "| n | T | " + " | ".join(ENGINES) + " |", "|---|---|" + "---|" * len(ENGINES)]
     for n, T in dict.fromkeys((r["n"], r["T"]) for r in rows):
         cell = [r for r in rows if (r["n"], r["T"]) == (n, T)]
         span = []
-        for g in GRAMS:
+        for g in ENGINES:
             ratios = [r["ratio"] for r in cell if r["engine"] == g]
             span.append("-" if not ratios else f"{min(ratios):.2f}x" if len(ratios) == 1
                         else f"{min(ratios):.2f}x - {max(ratios):.2f}x")
@@ -265,7 +286,7 @@ def run(args) -> int:
     unknown = sorted(set(methods + gram_methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods/--gram-methods: unknown {unknown}; choose from {sorted(METHODS)}")
-    configs = [(m, "ghost") for m in methods] + [(m, g) for g in ("exact", "sketch") for m in gram_methods]
+    configs = [(m, "ghost") for m in methods] + [(m, g) for g in ENGINES[1:] for m in gram_methods]
     model = make_model(args.model, max(T for _, T in grid + cross_cells), device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []

@@ -6,6 +6,7 @@ g_T^(r), project each onto every method's feasible set (fixed general batch G), 
     bias^2   = || E_r[d^(r)] - g* ||^2                                  eq. (1) in theory/bias_variance.md
     variance = E_r || d^(r) - E_r[d^(r)] ||^2                            eq. (2)
     mse      = E_r || d^(r) - g* ||^2 = bias^2 + variance                eq. (3)
+    dist^2   = || P_C(g*) - g* ||^2, the bias the set alone would cause  eq. (4) (monotone along the chain)
 
 conditional on G, then averaged over S independent general batches (the general noise therefore
 shows up in the bias, never in the variance: standard training has variance 0 exactly). Every
@@ -105,16 +106,18 @@ def measure(G: torch.Tensor, gT: torch.Tensor, g_star: torch.Tensor, settings: l
     R = gT.shape[1]
     rows = []
     for st in tqdm(settings, desc="bias-variance", disable=not progress):
-        bias2, var, ok = 0.0, 0.0, True
+        bias2, var, dist2, ok = 0.0, 0.0, 0.0, True
         for G_s, gT_s in zip(G, gT):
             d, conv = directions(G_s, gT_s, st)
             d_bar = d.mean(0)  # (p,) E_r d^(r)
             bias2 += float(((d_bar - g_star) ** 2).sum()) / len(G)  # eq. (1)
             var += float(((d - d_bar) ** 2).sum(-1).mean()) / len(G)  # eq. (2)
-            ok &= conv
+            d_star, conv_star = directions(G_s, g_star[None], st)  # the noise-free projection P_C(g*)
+            dist2 += float(((d_star[0] - g_star) ** 2).sum()) / len(G)  # eq. (4): dist(g*, C)^2
+            ok &= conv and conv_star
         rows.append(dict(path=st.path, position=st.position, method=st.method, knob=st.label,
                          bias2=bias2 / scale, variance=var / scale, mse=(bias2 + var) / scale,
-                         mc_floor=var / scale / R, converged=ok))
+                         dist2=dist2 / scale, mc_floor=var / scale / R, converged=ok))
     return rows
 
 

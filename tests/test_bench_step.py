@@ -39,7 +39,7 @@ def test_every_phase_method_and_engine(table):
         configs = {(r[2], r[3]) for r in rows if (r[0], r[1]) == cell}
         assert ("standard", "-") in configs
         assert {(m, "ghost") for m in METHODS} <= configs
-        assert {("simplex", "exact"), ("simplex", "sketch")} <= configs
+        assert {("simplex", "ghost-mat"), ("simplex", "exact"), ("simplex", "sketch")} <= configs
     for r in rows:
         assert all(float(x.replace(",", "")) >= 0 for x in r[4:9])
         assert float(r[9].rstrip("x")) > 0
@@ -49,7 +49,7 @@ def test_every_phase_method_and_engine(table):
 
 def test_summary_and_crossover(table):
     summary = _rows(table, "n | T | ghost")
-    assert len(summary) == 2 and all(float(c.split("x")[0]) > 0 for r in summary for c in r[2:5])
+    assert len(summary) == 2 and all(float(c.split("x")[0]) > 0 for r in summary for c in r[2:6])
     cross = _rows(table, "n | T | pair ms")
     assert [int(r[1]) for r in cross] == [8, 16, 32]
     assert all(r[5] in ("pair", "materialize") and float(r[4]) > 0 for r in cross)

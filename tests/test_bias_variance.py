@@ -26,6 +26,8 @@ def test_chain_bias_falls_and_variance_rises(rows):
     var = np.array([r["variance"] for r in main])
     assert np.all(np.diff(bias) < 0), f"bias^2 along mean -> simplex -> cone -> subspace -> target: {bias}"
     assert np.all(np.diff(var) > 0), f"variance along the chain: {var}"
+    dist2 = np.array([r["dist2"] for r in chain])  # the noise-free part, ordered by nesting (eq. (4))
+    assert np.all(np.diff(dist2) <= 1e-6), f"dist(g*, C)^2 along the chain: {dist2}"
     assert var[0] < 1e-20  # standard training does not see the target batch
     assert bias[-1] < 3 * main[-1]["mc_floor"]  # target-only is unbiased up to the Monte Carlo floor
     capped = chain[1]
