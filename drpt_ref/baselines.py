@@ -104,6 +104,8 @@ class LessRule(WeightRule):
             raise ValueError(f"less mode must be 'online' or 'offline', got {mode!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"less fraction must be in (0, 1], got {fraction}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"less dim must be a positive int, got {dim!r}")
         self.mode, self.dim, self.seed, self.fraction = mode, dim, seed, fraction
         self.min_size, self.chunk = min_size, chunk
         self.subset: list[int] | None = None  # offline: pool indices kept, ascending

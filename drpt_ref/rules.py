@@ -68,17 +68,23 @@ def anchor_batch(env: RuleEnv) -> RowBatch:
     return rows_batch(env.tok, [x.prompt for x in items], [demonstration(x) for x in items], 1, env.cfg.device)
 
 
+def adapt_config(c, softmax: bool) -> AdaptConfig:
+    """ADAPT's parameters from a TrainConfig (AdaptConfig checks them)."""
+    return AdaptConfig(tau=c.adapt_tau, refresh=c.adapt_refresh, ramp=c.adapt_ramp, tokens=c.adapt_tokens,
+                       score=c.adapt_score, reduction=c.adapt_reduction, w_max=c.adapt_w_max, softmax=softmax)
+
+
+def _less(c) -> LessRule:
+    return LessRule(c.less_mode, c.less_dim, seed=c.seed, fraction=c.less_fraction, min_size=c.n_general)
+
+
 def _adapt(env: RuleEnv, softmax: bool) -> AdaptRule:
-    c = env.cfg
-    cfg = AdaptConfig(tau=c.adapt_tau, refresh=c.adapt_refresh, ramp=c.adapt_ramp, tokens=c.adapt_tokens,
-                      score=c.adapt_score, reduction=c.adapt_reduction, w_max=c.adapt_w_max, softmax=softmax)
-    return AdaptRule(cfg, anchor_batch(env))
+    return AdaptRule(adapt_config(env.cfg, softmax), anchor_batch(env))
 
 
 RULES: dict[str, Callable[[RuleEnv], WeightRule]] = {
     "random": lambda env: RandomRule(),
-    "less": lambda env: LessRule(env.cfg.less_mode, env.cfg.less_dim, seed=env.cfg.seed, fraction=env.cfg.less_fraction,
-                                 min_size=env.cfg.n_general),
+    "less": lambda env: _less(env.cfg),
     "rds": lambda env: RdsRule(env.cfg.rds_pool),
     "adapt": lambda env: _adapt(env, softmax=False),
     "adapt_softmax": lambda env: _adapt(env, softmax=True),
@@ -88,11 +94,18 @@ RULES: dict[str, Callable[[RuleEnv], WeightRule]] = {
 ALL_METHODS = tuple(METHODS) + tuple(RULES)  # everything --method accepts
 
 
-def check_method_name(method: str, paradigm: str) -> None:
-    if method not in ALL_METHODS:
-        raise ValueError(f"method={method!r} is unknown; use one of {ALL_METHODS}.")
-    if method == "hpt" and paradigm != "hpt":
+def check_method_config(cfg) -> None:
+    """Refuse an unknown method, or bad parameters of its rule, before anything is built (ValueError)."""
+    if cfg.method not in ALL_METHODS:
+        raise ValueError(f"method={cfg.method!r} is unknown; use one of {ALL_METHODS}.")
+    if cfg.method == "hpt" and cfg.paradigm != "hpt":
         raise ValueError("method='hpt' runs under paradigm='hpt' only (its units are HPT units).")
+    if cfg.method == "less":
+        _less(cfg)
+    if cfg.method == "rds":
+        RdsRule(cfg.rds_pool)
+    if cfg.method.startswith("adapt"):
+        adapt_config(cfg, softmax=False)
 
 
 def make_rule(method: str, env: RuleEnv) -> WeightRule | None:

@@ -42,7 +42,7 @@ from drpt_ref.hpt import HPTLoss, hpt_batch
 from drpt_ref.loss_dpo import DPOLoss
 from drpt_ref.loss_grpo import GRPOLoss
 from drpt_ref.loss_sft import SFTLoss
-from drpt_ref.rules import RuleEnv, check_method_name, make_rule
+from drpt_ref.rules import RuleEnv, check_method_config, make_rule
 from drpt_ref.run_state import MetricsLog, load_checkpoint, save_checkpoint, step_generator, write_config
 from drpt_ref.tasks import TARGET
 from drpt_ref.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
@@ -110,8 +110,8 @@ class TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
-    check_method_name(cfg.method, cfg.paradigm)
-    dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=True)
+    check_method_config(cfg)  # the method name and its rule's parameters
+    dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=cfg.method not in dr.METHODS)
     if cfg.paradigm == "hpt" and cfg.kl_coef:
         raise ValueError("kl_coef must be 0 for paradigm 'hpt' (HPT's loss has no KL term).")
     if cfg.optimizer not in ("adamw", "sgd"):

@@ -175,3 +175,15 @@ def test_rule_state_resumes_bitwise(tiny_path, tmp_path, method):
     assert strip(read_metrics(straight.out)) == strip(read_metrics(part.out))
     if method == "adapt":  # anchors encoded at step 1 and re-encoded R = 3 steps later
         assert [r["method_info"]["anchors_encoded_at"] for r in read_metrics(part.out)] == [1, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kw,name", [({"method": "nope"}, "method"), ({"method": "hpt"}, "paradigm"),
+                                     ({"method": "less", "less_mode": "batch"}, "less mode"),
+                                     ({"method": "rds", "rds_pool": "max"}, "rds pool"),
+                                     ({"method": "adapt", "adapt_tau": 0.0}, "tau"),
+                                     ({"paradigm": "hpt", "method": "hpt", "kl_coef": 0.1}, "kl_coef")])
+def test_bad_method_config_is_refused_before_the_run(tiny_path, tmp_path, kw, name):
+    cfg = _cfg(tiny_path, tmp_path / "bad", kw.pop("paradigm", "sft"), kw.pop("method"), **kw)
+    with pytest.raises(ValueError, match=name):
+        train(cfg)
+    assert not os.path.exists(cfg.out)
