@@ -15,10 +15,11 @@ import sys
 
 # command -> (module, one-line help). Add a line here when a new job gets a command.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("drpt_ref.bench", "benchmarks: `bench solvers` (batched vs exact, cvxpy, qpth), `bench step` (Dr vs standard)"),
+    "bench": ("drpt_ref.bench", "`bench solvers` (batched vs exact, cvxpy, qpth), `bench step` (Dr vs standard)"),
     "bias-variance": ("drpt_ref.bias_variance", "measured bias and variance of each method's direction by resampling"),
     "spectrum": ("drpt_ref.spectrum_demo", "every projection of the family on one synthetic problem, vs cvxpy"),
     "build-model": ("drpt_ref.build_model", "pre-train small_models/gpt2-tiny from nothing (deterministic)"),
+    "reproduce": ("drpt_ref.reproduce", "every method on SFT, DPO, GRPO, HPT over seeds: tables, curves, spectrum"),
     "train": ("drpt_ref.train", "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
     "eval": ("drpt_ref.evaluate", "greedy exact-match accuracy and answer loss on held-out task prompts"),
 }

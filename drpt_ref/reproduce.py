@@ -1,0 +1,202 @@
+"""`drpt reproduce`: the paper's claims in miniature, every method on every paradigm over several seeds.
+
+    drpt reproduce --quick --out results/reproduce_quick     # the README's main job: < 20 min on a 2-core CPU
+    drpt reproduce --full --device cuda --out results/full   # larger GPT-2 config, more steps and seeds
+
+The plan (`plan`) is a list of runs of `drpt train`: for SFT, DPO and GRPO, the Dr family globally
+(target, mean, mix, ball, topk, capped_simplex, simplex, softmax, cone, subspace) and per layer, the
+selection baselines (random, less, rds) and ADAPT (adapt, adapt_softmax); HPT on its own paradigm;
+and the spectrum sweeps (k, tau, ridge, radius) between target-only and standard training. Each run
+writes its own directory; a finished run is skipped and an interrupted one resumed, so the whole
+command resumes after an interruption. Runs go to `workers` processes, one torch thread each.
+
+Every run ends with the held-out target evaluation of `drpt train` (greedy exact match and answer
+loss on the target task's eval split) and a general-task retention check (accuracy on the helpful
+tasks' eval split). Nothing is tuned on the held-out set: knobs are fixed in `plan`.
+Tables and plots: reproduce_report.py.
+
+Shapes: no tensors here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+DR_METHODS = ("target", "mean", "mix", "ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")
+PER_LAYER = ("ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")  # endpoints: same either way
+BASELINES = ("random", "less", "rds", "adapt", "adapt_softmax")
+# The spectrum: each knob from the standard-training end (first) to the target-only end (last).
+SPECTRUM = {
+    "k": ("capped_simplex", [16.0, 8.0, 4.0, 2.0, 1.0]),
+    "tau_rel": ("softmax", [100.0, 3.0, 1.0, 0.3, 0.1]),
+    "ridge_rel": ("subspace", [100.0, 10.0, 1.0, 0.1, 0.0]),
+    "radius_rel": ("ball", [0.0, 0.25, 0.5, 0.75, 1.0]),
+}
+RETENTION_TASKS = ("add2", "carry", "copy")  # the helpful general tasks
+
+
+@dataclass
+class ReproduceConfig:
+    mode: str = "quick"  # quick (CPU, minutes) | full (GPU scale)
+    out: str = "results/reproduce_quick"  # where runs, tables and plots go
+    device: str = "cpu"  # cpu | cuda
+    workers: int = 2  # parallel runs (processes), one torch thread each
+    seeds: int = 3  # seeds per setting (full: 5)
+    steps: int = 20  # optimizer steps per run (full: 300)
+    n_general: int = 16  # general units per step
+    m_target: int = 4  # target units per step
+    eval_n: int = 100  # held-out target prompts per evaluation
+    retention_n: int = 60  # held-out prompts per helpful task for the retention check
+    model: str = "small_models/gpt2-tiny"  # the starting model (full: a larger config built with build-model)
+    progress: bool = True  # a progress bar over runs
+
+
+FULL = dict(seeds=5, steps=300, eval_n=500, retention_n=300, n_general=32, m_target=8, workers=1,
+            model="small_models/gpt2-large-cfg")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    paradigm: str
+    method: str
+    seed: int
+    per_layer: bool = False
+    knobs: tuple = ()  # ((name, value), ...) overrides of TrainConfig
+    sweep: str = ""  # the spectrum knob this run belongs to ("" for the main table)
+    label: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        parts = [self.paradigm, self.method + ("-pl" if self.per_layer else "")]
+        parts += [f"{k}={v:g}" for k, v in self.knobs]
+        return "_".join(parts) + f"_s{self.seed}"
+
+
+def plan(cfg: ReproduceConfig) -> list[RunSpec]:
+    """Every run of the reproduction, in a fixed order."""
+    runs = []
+    for seed in range(cfg.seeds):
+        for paradigm in ("sft", "dpo", "grpo"):
+            runs += [RunSpec(paradigm, m, seed) for m in DR_METHODS]
+            runs += [RunSpec(paradigm, m, seed, per_layer=True) for m in PER_LAYER]
+            runs += [RunSpec(paradigm, m, seed) for m in BASELINES]
+        runs.append(RunSpec("hpt", "hpt", seed))
+        sweep_paradigms = ("sft",) if cfg.mode == "quick" else ("sft", "dpo", "grpo")
+        for paradigm in sweep_paradigms:
+            for knob, (method, values) in SPECTRUM.items():  # the default value is the main-table run
+                runs += [RunSpec(paradigm, method, seed, knobs=((knob, v),), sweep=knob) for v in values
+                         if v != knob_default(knob)]
+    return runs
+
+
+def knob_default(knob: str) -> float:
+    from drpt_ref.train import TrainConfig
+
+    return getattr(TrainConfig(), knob)
+
+
+def train_config(cfg: ReproduceConfig, spec: RunSpec):
+    from drpt_ref.train import TrainConfig
+
+    base = TrainConfig(paradigm=spec.paradigm, method=spec.method, per_layer=spec.per_layer, seed=spec.seed,
+                       steps=cfg.steps, n_general=cfg.n_general, m_target=cfg.m_target, eval_n=cfg.eval_n,
+                       eval_every=max(cfg.steps // 5, 1), checkpoint_every=max(cfg.steps // 3, 1),
+                       device=cfg.device, model=cfg.model, out=os.path.join(cfg.out, "runs", spec.name),
+                       progress=False, reward="partial" if spec.paradigm in ("grpo", "hpt") else "exact")
+    return dataclasses.replace(base, **dict(spec.knobs))
+
+
+def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
+    """Train (or resume, or skip) one run, then the retention check; returns and stores its summary."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from drpt_ref.evaluate import evaluate_tasks
+    from drpt_ref.run_state import read_metrics
+    from drpt_ref.train import train
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # one bar over runs is enough
+    tcfg = train_config(cfg, spec)
+    summary_path = os.path.join(tcfg.out, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    resume = os.path.exists(os.path.join(tcfg.out, "checkpoint.json"))
+    start = time.perf_counter()
+    train(dataclasses.replace(tcfg, resume=resume))
+    wall = time.perf_counter() - start
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(tcfg.out, "final")).to(cfg.device).eval()
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    retention = evaluate_tasks(model, tok, list(RETENTION_TASKS), n=cfg.retention_n, seed=0, split="eval")
+    metrics = read_metrics(tcfg.out)
+    last = metrics[-1]
+    step_seconds = [sum(r["seconds"].values()) for r in metrics]
+    summary = {
+        **dataclasses.asdict(spec), "name": spec.name,
+        "target_accuracy": last["eval_accuracy"], "target_loss": last["eval_loss"],
+        "target_partial": last["eval_partial"],
+        "retention": sum(r["accuracy"] for r in retention) / len(retention),
+        "seconds_per_step": sum(step_seconds) / len(step_seconds), "wall_seconds": wall, "resumed": resume,
+        "curve": [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in metrics if "eval_loss" in r],
+    }
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
+    return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
+
+
+def reproduce(cfg: ReproduceConfig) -> list[dict]:
+    if cfg.mode not in ("quick", "full"):
+        raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full'.")
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` "
+                         "(for --full: `drpt build-model --config large --out small_models/gpt2-large-cfg`).")
+    os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
+    specs = plan(cfg)
+    summaries = []
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not cfg.progress):
+            summaries.append(fut.result())
+    order = {spec.name: i for i, spec in enumerate(specs)}
+    summaries.sort(key=lambda s: order[s["name"]])
+    with open(os.path.join(cfg.out, "summaries.json"), "w") as f:
+        json.dump(summaries, f)
+    return summaries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="CPU scale (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="GPU scale")
+    parser.set_defaults(mode="quick")
+    for f in dataclasses.fields(ReproduceConfig):
+        if f.name == "mode":
+            continue
+        kind = {"int": int, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[f.type]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(default: {f.default}; --full changes some)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from drpt_ref.reproduce_report import write_report
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReproduceConfig)
+             if f.name != "mode" and getattr(args, f.name) is not None}
+    defaults = FULL if args.mode == "full" else {}
+    if args.mode == "full" and "out" not in given:
+        given["out"] = "results/reproduce_full"
+    cfg = ReproduceConfig(mode=args.mode, **{**defaults, **given})
+    summaries = reproduce(cfg)
+    print(write_report(cfg, summaries))
+    return 0
