@@ -47,7 +47,15 @@ def write_tables(rows: list[dict], stem: str, about=None) -> str:
     return text
 
 
+def read_rows(path: str) -> list[dict]:
+    """Rows back from a table written by write_tables (to re-plot without re-measuring)."""
+    with open(path, newline="") as fh:
+        return [{k: (v if k in ("path", "method", "knob") else v == "True" if k == "converged" else float(v))
+                 for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
 def _curves(ax, xs, rows):
+    ax.set_yscale("symlog", linthresh=0.1)  # linear below 0.1, logarithmic above: both ends stay readable
     ax.plot(xs, [r["bias2"] for r in rows], "o-", color="C0", label="bias$^2$")
     ax.plot(xs, [r["variance"] for r in rows], "s--", color="C3", label="variance")
     ax.plot(xs, [r["mse"] for r in rows], ":", color="gray", label="bias$^2$ + variance")
