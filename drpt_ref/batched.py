@@ -8,7 +8,8 @@ over the method's set (theory/notation.md, eq. (1)), with the objective of eq. (
 Closed forms (theory/batched_solvers.md, section 1): target, mean, mix, ball (eq. (2)), topk (the
 vertex of eq. (8)), softmax (softmax(b / tau), eq. (3)). Iterative, from `batched_qp`: simplex,
 capped_simplex, cone (eqs. (9)-(13)). A batched linear solve: subspace (eq. (14)).
-No Python loop runs over the batch; the iterative solver syncs with the host once per check.
+No Python loop runs over the batch; the iterative solver syncs with the host once per check and once
+per step of its active-set polish (to group the faces by size, eq. (11c)); none per FISTA iteration.
 
 Shapes:
     K (B, n, n), b (B, n), c (B,)  ->  alpha (B,), weights (B, n), objective (B,)
@@ -73,7 +74,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
 
     max_iter, tol: iteration limit and certificate tolerance of the iterative methods (simplex,
     capped_simplex, cone; tol also for subspace). trace=True stores info["history"] (T, B), the
-    certificate after each iteration (with the polish, row 0 is after the polish at the start);
+    certificate after each iteration (with the polish, the row of a check holds the polished certificate);
     polish=False turns off the active-set polish (to study FISTA alone).
     validate: "cheap" (O(B n^2), default) or "full" (the eigenvalue test of check_gram).
     """

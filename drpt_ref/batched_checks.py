@@ -51,9 +51,10 @@ def check_batch(K, b, c, validate: str = "cheap"):
     if validate != "cheap":
         raise ValueError(f"validate={validate!r} must be 'cheap' (O(B n^2)) or 'full' (eigenvalues, O(B n^3)).")
     d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
-    K_max = K.abs().amax((-2, -1))  # (B,) NaN if K holds a NaN, inf if an inf: one pass for both tests
+    K_min, K_max = torch.aminmax(K.reshape(K.shape[0], -1), dim=-1)  # (B,) one pass; NaN if K holds a NaN
+    K_max = torch.maximum(K_max, -K_min)  # (B,) max |K_ij|, inf if K holds an inf
     scale = torch.maximum(K_max, c.abs()).clamp_min(torch.finfo(K.dtype).tiny)  # (B,)
-    asym = (K - K.mT).abs().amax((-2, -1)) / scale  # (B,)
+    asym = (K - K.mT).amax((-2, -1)) / scale  # (B,) K - K^T is antisymmetric: its max is its max |.|
     tol = PSD_RTOL[K.dtype] * (n + 1)
     minor_b = (b * b - c.unsqueeze(-1) * d).amax(-1) / scale**2  # (B,)
     flags = torch.stack([
@@ -61,6 +62,7 @@ def check_batch(K, b, c, validate: str = "cheap"):
         (asym > SYMMETRY_RTOL[K.dtype]).any(),
         (d.amin(-1) / scale < -tol).any(),
         (c / scale < -tol).any() | (minor_b > tol).any(),
+        (asym > 0).any(),
     ]).tolist()  # the one host round-trip
     for name, bad in zip("Kbc", flags[:3]):
         if bad:
@@ -75,7 +77,7 @@ def check_batch(K, b, c, validate: str = "cheap"):
     if flags[5]:
         raise ValueError("b and c do not match K: c < 0 or b_i^2 > c K_ii (the joint Gram [[c, b^T], [b, K]] of "
                          "(g_T, G) is not PSD); compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T.")
-    return 0.5 * (K + K.mT), b, c
+    return (0.5 * (K + K.mT) if flags[6] else K), b, c  # symmetrize only where it changes K
 
 
 def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Tensor) -> dict:

@@ -21,6 +21,7 @@ from drpt_ref.batched_projections import (
     project_capped_simplex,
     project_simplex,
     project_weighted_capped_simplex,
+    project_weighted_simplex,
     topk_vertex,
 )
 from drpt_ref.instances import random_problem
@@ -55,6 +56,22 @@ def test_projections_match_cvxpy(rng):
             assert np.abs(weighted[i].numpy() - cvxpy_projection(v[i], 1.0 / k[i], a)).max() <= 1e-6
             assert abs(capped[i].sum() - 1.0) <= PROJ_TOL and capped[i].min() >= 0.0
             assert capped[i].max() <= 1.0 / k[i] + PROJ_TOL
+
+
+def test_weighted_simplex_projection_matches_cvxpy(rng):
+    """Eq. (5''): the uncapped weighted projection used for the simplex equals the capped one with the
+    implied caps h = 1/a, and cvxpy."""
+    for _ in range(20):
+        n = int(rng.integers(1, 30))
+        v = rng.standard_normal((3, n)) * 10.0 ** rng.uniform(-2, 2)
+        v[1, : n // 2] = v[1, 0]  # ties
+        a = 10.0 ** rng.uniform(-2, 2, size=(3, n))
+        mine = project_weighted_simplex(torch.tensor(v), torch.tensor(a)).numpy()
+        capped = project_weighted_capped_simplex(torch.tensor(v), torch.tensor(a), torch.tensor(1.0 / a)).numpy()
+        assert np.abs(mine - capped).max() <= PROJ_TOL * max(1.0, np.abs(capped).max())
+        for i in range(3):
+            assert np.abs(mine[i] - cvxpy_projection(v[i], 1.0, a[i])).max() <= 1e-6
+            assert abs(a[i] @ mine[i] - 1.0) <= PROJ_TOL and mine[i].min() >= 0.0
 
 
 def test_projection_kkt_at_k_equal_n_and_k_one():
