@@ -276,6 +276,7 @@ def run(args) -> int:
         raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
     torch.set_num_threads(args.threads)
     _pin_mmap_threshold()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     grid = parse_cells(args.grid or ("4x16,8x32" if args.quick else "8x32,32x32,8x128,32x128"), "--grid")
     cross_spec = args.crossover or ("4x8:16:32" if args.quick else "16x16:32:64:128:256")
     cross_cells = [(n, int(T)) for cell in cross_spec.split(",") for n, Ts in [cell.lower().split("x", 1)]
@@ -294,14 +295,14 @@ def run(args) -> int:
         rows += bench_cell(model, n, T, args, device, configs, gen)
     cross = [bench_crossover(model, n, T, args, device, gen) for n, T in tqdm(cross_cells, desc="pair vs materialize")]
     c = model.config
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",) * 3
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     header = [
         "# drpt bench step", "",
         f"- date: {datetime.date.today().isoformat()}; device: {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no GPU in this run)"),
         f"- machine: {cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}; load average at the end "
-        f"{' / '.join(f'{x:.2f}' for x in load)} (1 / 5 / 15 min)",
+        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}; load average (1 / 5 / 15 min) "
+        f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load)}",
         f"- model: random GPT-2 of the shape of {args.model} (n_layer {c.n_layer}, n_embd {c.n_embd}, n_head "
         f"{c.n_head}, vocab {c.vocab_size}, n_positions {c.n_positions}); synthetic SFT rows of T tokens, loss on "
         f"the second half; m = {args.m_target} target units; AdamW; batched solver; default knobs",
