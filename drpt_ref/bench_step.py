@@ -231,7 +231,8 @@ def bench_crossover(model, n: int, T: int, args, device, gen) -> dict:
             _sync(device)
             times.append(time.perf_counter() - t0)
         out[mode] = statistics.median(times[1:])
-    out["rule_pair_layers"] = sum(use_pair_form(T, ly.d_in, ly.d_out) for ly in cap.layers)
+    U, T_u = cap.n + cap.m, cap.per_unit(cap.a[0]).shape[1]  # units, tokens per unit
+    out["rule_pair_layers"] = sum(use_pair_form(T_u, ly.d_in, ly.d_out, U) for ly in cap.layers)
     out["layers"] = len(cap.layers)
     return out
 

@@ -10,7 +10,7 @@ eq. (3), and per layer either
     pair form     <g_u, g_v> = sum_{t in u, s in v} (a_t . a_s)(e_t . e_s) + (sum_t e_t).(sum_s e_s)   eq. (4)
     materialize   form g_u (d_in x d_out per unit) by one batched matmul, then F F^T                 eq. (3)
 
-both exact; "auto" picks the pair form iff 2 T_u^2 <= d_in d_out (eq. (5), T_u = tokens per unit).
+both exact; "auto" picks the form with fewer FLOPs for the U units of the batch (eq. (5), T_u = tokens per unit).
 
 Shapes:
     a (R, T, d_in), e (R, T, d_out) -> per unit A (U, T_u, d_in), E (U, T_u, d_out), T_u = rows_per_unit * T
@@ -91,9 +91,11 @@ def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
                    general.num_units, target.num_units, losses.detach())
 
 
-def use_pair_form(tokens_per_unit: int, d_in: int, d_out: int) -> bool:
-    """The cost rule, eq. (5) in theory/gram.md: token pairs iff 2 T_u^2 <= d_in d_out."""
-    return 2 * tokens_per_unit**2 <= d_in * d_out
+def use_pair_form(tokens_per_unit: int, d_in: int, d_out: int, units: int) -> bool:
+    """The cost rule, eq. (5) in theory/gram.md: token pairs iff their FLOPs are at most materializing's,
+    U^2 T_u^2 (d_in + d_out) <= U T_u d_in d_out + U^2 d_in d_out."""
+    T, U = tokens_per_unit, units
+    return U * T * T * (d_in + d_out) <= T * d_in * d_out + U * d_in * d_out
 
 
 def pair_gram(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -125,7 +127,7 @@ def materialized_flat(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Ten
 def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
     """One layer's joint unit Gram by the chosen form. -> (J (U, U), the form used)"""
     if mode == "auto":
-        mode = "pair" if use_pair_form(A.shape[1], A.shape[2], E.shape[2]) else "materialize"
+        mode = "pair" if use_pair_form(A.shape[1], A.shape[2], E.shape[2], A.shape[0]) else "materialize"
     if mode == "pair":
         return pair_gram(A, E, bias), mode
     F = materialized_flat(A, E, bias)

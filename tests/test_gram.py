@@ -11,7 +11,7 @@ import torch
 from gram_cases import make_batch, problem, tiny_gpt2, unit_loss
 
 from drpt_ref.batched import project_batched
-from drpt_ref.gram import compute_gram, covered_parameters, gram_from_capture, kbc_from_joint
+from drpt_ref.gram import compute_gram, covered_layers, covered_parameters, gram_from_capture, kbc_from_joint
 from drpt_ref.gram_exact import per_unit_gradients
 from drpt_ref.gram_ghost import capture, use_pair_form
 from drpt_ref.gram_sketch import sketch_joint_gram
@@ -67,13 +67,20 @@ def test_pair_form_in_chunks_is_the_same(monkeypatch):
     assert rel(chunked.K, whole.K) <= 1e-14 and rel(chunked.K, exact.K) <= GHOST_RTOL
 
 
-def test_cost_rule_picks_both_forms():
-    assert use_pair_form(16, 32, 32) and not use_pair_form(24, 32, 32)  # 2 T^2 <= d_in d_out
-    model, loss, general, target, _ = setup("dpo")  # T_u = 2 * 12 = 24 tokens per pair
+def test_cost_rule_compares_flops():
+    """eq. (5): pairs iff U^2 T^2 (d_in + d_out) <= U T d_in d_out + U^2 d_in d_out (the table of theory/gram.md)."""
+    for T, d_in, d_out, U in [(4, 128, 512, 2), (32, 128, 512, 20), (16, 32, 32, 3), (64, 512, 2048, 8), (2, 8, 8, 50)]:
+        pair_flops = U**2 * T**2 * (d_in + d_out)
+        mat_flops = U * T * d_in * d_out + U**2 * d_in * d_out
+        assert use_pair_form(T, d_in, d_out, U) == (pair_flops <= mat_flops)
+    assert use_pair_form(4, 128, 512, 2) and not use_pair_form(32, 128, 512, 20)  # both answers occur
+    model, loss, general, target, exact = setup("dpo")  # T_u = 2 * 12 = 24 tokens per pair
     ghost = compute_gram(model, loss, general, target, "ghost")
-    modes = dict(zip(ghost.layer_names, ghost.info["modes"]))
-    assert modes["transformer.h.0.attn.c_proj"] == "materialize"  # 2 * 24^2 = 1152 > 32 * 32
-    assert modes["transformer.h.0.attn.c_attn"] == "pair"  # 1152 <= 32 * 96
+    U = general.num_units + target.num_units
+    T_u = general.rows_per_unit * max(general.input_ids.shape[1], target.input_ids.shape[1])
+    for layer, mode in zip(covered_layers(model), ghost.info["modes"]):
+        assert mode == ("pair" if use_pair_form(T_u, layer.d_in, layer.d_out, U) else "materialize")
+    assert rel(ghost.K, exact.K) <= GHOST_RTOL
 
 
 @pytest.mark.parametrize("paradigm", PARADIGMS)
