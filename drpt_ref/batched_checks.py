@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from drpt_ref.direction import PSD_RTOL, SYMMETRY_RTOL, check_gram
-from drpt_ref.methods import METHODS, check_method, check_scalar_param
+from drpt_ref.methods import check_scalar_param, fill_params
 
 
 def check_batch(K, b, c, validate: str = "cheap"):
@@ -82,17 +82,8 @@ def check_batch(K, b, c, validate: str = "cheap"):
 
 def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Tensor) -> dict:
     """Fill defaults and validate; each parameter comes back as a (B,) tensor (k of topk: int64)."""
-    check_method(method)
-    spec = METHODS[method]
-    unknown = sorted(set(params) - set(spec))
-    if unknown:
-        allowed = ", ".join(sorted(spec)) or "none"
-        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; it takes: {allowed}.")
     out = {}
-    for name, default in spec.items():
-        if name not in params and default is None:
-            raise ValueError(f"method {method!r} needs the parameter {name!r} (see drpt_ref/methods.py).")
-        value = params.get(name, default)
+    for name, value in fill_params(method, params).items():
         if not isinstance(value, torch.Tensor):
             value = check_scalar_param(method, name, value, n)
             dtype = torch.long if (method, name) == ("topk", "k") else like.dtype

@@ -91,17 +91,20 @@ def check_scalar_param(method: str, name: str, value, n: int) -> float | int:
     return value
 
 
-def check_params(method: str, params: dict, n: int) -> dict:
-    """Fill defaults, refuse unknown or missing parameters, and validate each value."""
+def fill_params(method: str, params: dict) -> dict:
+    """The parameters of `method` with defaults filled; refuses unknown and missing ones (values unchecked)."""
     check_method(method)
     spec = METHODS[method]
     unknown = sorted(set(params) - set(spec))
     if unknown:
         allowed = ", ".join(sorted(spec)) or "none"
         raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; it takes: {allowed}.")
-    out = {}
-    for name, default in spec.items():
-        if name not in params and default is None:
-            raise ValueError(f"method {method!r} needs the parameter {name!r} (see drpt_ref/methods.py).")
-        out[name] = check_scalar_param(method, name, params.get(name, default), n)
-    return out
+    missing = [name for name, default in spec.items() if name not in params and default is None]
+    if missing:
+        raise ValueError(f"method {method!r} needs the parameter {missing[0]!r} (see drpt_ref/methods.py).")
+    return {name: params.get(name, default) for name, default in spec.items()}
+
+
+def check_params(method: str, params: dict, n: int) -> dict:
+    """Fill defaults, refuse unknown or missing parameters, and validate each value."""
+    return {name: check_scalar_param(method, name, value, n) for name, value in fill_params(method, params).items()}

@@ -10,26 +10,11 @@ import numpy as np
 import pytest
 from conftest import FEAS_TOL, N_CORE_PROBLEMS, obj_tol
 from core_cases import core_cases, direction_gap_sq
+from feasibility import violation
 
 from drpt_ref import METHODS
 
 PROJECTIONS = ("target", "mean", "mix", "ball", "capped_simplex", "simplex", "cone", "subspace")
-
-
-def feasibility_violation(method, params, alpha, w) -> float:
-    """Largest violation of the method's constraints by (alpha, w)."""
-    n = w.shape[0]
-    if method in ("topk", "capped_simplex", "simplex", "softmax"):
-        cap = 1.0 / params["k"] if "k" in params else np.inf
-        return max(-w.min(), (w - cap).max(), abs(w.sum() - 1.0))
-    if method == "cone":
-        return max(-w.min(), 0.0)
-    if method == "target":
-        return max(abs(alpha - 1.0), np.abs(w).max())
-    if method in ("mean", "mix"):
-        lam = params.get("lam", 0.0)
-        return max(abs(alpha - lam), np.abs(w - (1.0 - lam) / n).max())
-    return 0.0  # ball: checked in the primal below; subspace: unconstrained
 
 
 def test_bank_size():
@@ -56,7 +41,7 @@ def test_program_values_agree(method):
 def test_exact_weights_feasible_and_certified(method):
     """Exact weights satisfy the constraints within FEAS_TOL; every solve reports convergence."""
     for case in core_cases()[method]:
-        viol = feasibility_violation(method, case.params, float(case.exact.alpha), case.exact.weights)
+        viol = violation(method, case.params, float(case.exact.alpha), case.exact.weights)
         assert viol <= FEAS_TOL, (case.problem.family, viol)
         assert case.exact.info["converged"], (case.problem.family, case.exact.info)
     if method == "ball":  # the ball constraint, in the primal: ||d - mean|| <= radius
