@@ -3,10 +3,9 @@
     drpt bench solvers ...   the batched solvers against exact, cvxpy and qpth   (bench_solvers.py)
     drpt bench step ...      the Dr step against the standard step, by phase      (bench_step.py)
 
-Each benchmark module keeps its own `add_arguments(parser)` and `run(args)`; this file only gives each
-an argparse sub-parser and hands the parsed arguments to the chosen module's `run`. bench_solvers
-declares its own positional `what` (choice "solvers"); here the sub-parser's name plays that part,
-so that positional is skipped when its arguments are added.
+Each benchmark module keeps its own `add_arguments(parser)` and `run(args)` (both take `--device`);
+this file gives each an argparse sub-parser, refuses a CUDA device where there is none, and hands the
+parsed arguments to the chosen module's `run`.
 
 Shapes: no tensors here.
 """
@@ -15,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 # what -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "solvers": ("drpt_ref.bench_solvers", "the batched solvers against the exact solver, cvxpy and qpth"),
@@ -22,29 +23,17 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-class _WithoutWhat:
-    """A parser proxy that drops a module's own positional `what` (the sub-parser's name replaces it)."""
-
-    def __init__(self, parser):
-        self._parser = parser
-
-    def add_argument(self, *names, **kwargs):
-        if names == ("what",):
-            return None
-        return self._parser.add_argument(*names, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._parser, name)
-
-
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     for what, (module, help_line) in BENCHMARKS.items():
         p = sub.add_parser(what, help=help_line, description=help_line)
-        importlib.import_module(module).add_arguments(_WithoutWhat(p))
+        importlib.import_module(module).add_arguments(p)
 
 
 def run(args) -> int:
     if args.what not in BENCHMARKS:
         raise ValueError(f"what={args.what!r} is unknown; use one of {sorted(BENCHMARKS)}")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here; run on CPU (the default) instead.")
+        return 2
     return int(importlib.import_module(BENCHMARKS[args.what][0]).run(args) or 0)

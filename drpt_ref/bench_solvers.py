@@ -50,7 +50,6 @@ def cpu_name() -> str:
 
 
 def add_arguments(parser):
-    parser.add_argument("what", choices=["solvers"], help="what to benchmark")
     parser.add_argument("--device", default="cpu", help="torch device of the batched solver and qpth (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="a small grid and few samples (about a minute)")
     parser.add_argument("--out", default=None, help="also write the table as markdown to this file")
@@ -204,10 +203,7 @@ def render(rows, header_lines):
 
 
 def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available here; run on CPU (the default) instead.")
-        return 2
+    device = torch.device(args.device)  # checked by bench.run
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))

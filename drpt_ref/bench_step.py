@@ -269,10 +269,7 @@ def render(rows, cross, header) -> str:
 
 
 def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available here; run on CPU (the default) instead.")
-        return 2
+    device = torch.device(args.device)  # checked by bench.run
     if args.repeat < 1 or args.m_target < 1:
         raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
     torch.set_num_threads(args.threads)
