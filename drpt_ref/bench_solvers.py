@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from drpt_ref.batched import project_batched
+from drpt_ref.cli import write_output
 from drpt_ref.direction import program_value
 from drpt_ref.instances import FAMILIES, random_params, random_problem
 from drpt_ref.methods import METHODS
@@ -236,7 +237,5 @@ def run(args) -> int:
     table = render(rows, header)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
+        write_output(args.out, table)
     return 0

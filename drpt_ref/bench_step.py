@@ -39,6 +39,7 @@ from transformers import AutoConfig, GPT2LMHeadModel
 
 from drpt_ref import dr_step as dr_step_module
 from drpt_ref.bench_solvers import cpu_name
+from drpt_ref.cli import write_output
 from drpt_ref.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
 from drpt_ref.gram import gram_from_capture
 from drpt_ref.gram_ghost import capture, use_pair_form
@@ -315,7 +316,5 @@ def run(args) -> int:
     table = render(rows, cross, header)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
+        write_output(args.out, table)
     return 0

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from drpt_ref.cli import parse_bool
 from drpt_ref.evaluate import answer_nll, evaluate_tasks, format_table
 from drpt_ref.tasks import general_pool, get_task, parse_weights
 from drpt_ref.tokenizer import build_tokenizer, encode_sft, save_tokenizer
@@ -240,17 +241,9 @@ Same seed and thread count on the same kind of machine gives the same weights.
 """
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(BuildConfig):
-        kind = _bool if f.type in (bool, "bool") else type(f.default)
+        kind = parse_bool if f.type in (bool, "bool") else type(f.default)
         parser.add_argument(f"--{f.name}", type=kind, default=None,
                             help=f"default {f.default!r} (or the preset's value)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help). Add a line here when a new job gets a command.
@@ -23,6 +24,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("drpt_ref.train", "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
     "eval": ("drpt_ref.evaluate", "greedy exact-match accuracy and answer loss on held-out task prompts"),
 }
+
+
+def parse_bool(text: str) -> bool:
+    """The `type` of every true/false flag: refuses anything but 1/0, true/false, yes/no."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+
+
+def write_output(path: str, text: str) -> None:
+    """Write a command's table to `path` (an --out file), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

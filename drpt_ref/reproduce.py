@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from drpt_ref.cli import parse_bool
+
 DR_METHODS = ("target", "mean", "mix", "ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")
 PER_LAYER = ("ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")  # endpoints: same either way
 BASELINES = ("random", "less", "rds", "adapt", "adapt_softmax")
@@ -183,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ReproduceConfig):
         if f.name == "mode":
             continue
-        kind = {"int": int, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[f.type]
+        kind = {"int": int, "str": str, "bool": parse_bool}[f.type]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"(default: {f.default}; --full changes some)")
 

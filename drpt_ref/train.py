@@ -37,6 +37,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import dr_step as dr
+from drpt_ref.cli import parse_bool
 from drpt_ref.evaluate import evaluate_task
 from drpt_ref.hpt import HPTLoss, hpt_batch
 from drpt_ref.loss_dpo import DPOLoss
@@ -243,19 +244,11 @@ def train(cfg: TrainConfig) -> str:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=f.default,
+            parser.add_argument(flag, dest=f.name, type=parse_bool, nargs="?", const=True, default=f.default,
                                 help=f"(default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
