@@ -58,9 +58,14 @@ def default_params(cfg: SpectrumConfig, K, b, c) -> dict[str, dict]:
     }
 
 
+def make_problem(cfg: SpectrumConfig):
+    """The one synthetic problem of the run, drawn from the config's family and seed."""
+    return random_problem(np.random.default_rng(cfg.seed), cfg.family, p=cfg.p, n=cfg.n)
+
+
 def run_spectrum(cfg: SpectrumConfig) -> list[dict]:
     """Solve every method exactly and with cvxpy; return one row per method."""
-    pr = random_problem(np.random.default_rng(cfg.seed), cfg.family, p=cfg.p, n=cfg.n)
+    pr = make_problem(cfg)
     K, b, c = pr.K, pr.b, pr.c
     rows = []
     for method, params in default_params(cfg, K, b, c).items():
@@ -99,7 +104,7 @@ def format_table(rows: list[dict]) -> str:
 
 def nesting_holds(rows: list[dict], cfg: SpectrumConfig) -> bool:
     """subspace(ridge=0) <= cone <= simplex <= capped_simplex <= mean (theory/nesting.md, eq. (2))."""
-    pr = random_problem(np.random.default_rng(cfg.seed), cfg.family, p=cfg.p, n=cfg.n)
+    pr = make_problem(cfg)
     f = {r["method"]: r["objective"] for r in rows}
     chain = [float(project(pr.K, pr.b, pr.c, "subspace").objective)]
     chain += [f[m] for m in ("cone", "simplex", "capped_simplex", "mean")]
@@ -128,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from drpt_ref.spectrum_plot import plot_knob_paths
 
-        pr = random_problem(np.random.default_rng(cfg.seed), cfg.family, p=cfg.p, n=cfg.n)
+        pr = make_problem(cfg)
         plot_knob_paths(pr.K, pr.b, pr.c, args.plot)
         print(f"plot written to {args.plot}")
     return 0 if ok else 1
