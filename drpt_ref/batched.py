@@ -23,8 +23,9 @@ import math
 import torch
 
 from drpt_ref.batched_checks import check_batch, check_batch_params, warn_not_converged
+from drpt_ref.batched_polish import bmv
 from drpt_ref.batched_projections import lmo_value, topk_vertex
-from drpt_ref.batched_qp import DEFAULT_MAX_ITER, DEFAULT_TOL, bmv, solve_qp
+from drpt_ref.batched_qp import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_qp
 from drpt_ref.direction import Direction
 
 # eq. (14): ridge of the subspace Cholesky relative to the Jacobi-scaled K (unit diagonal), removed

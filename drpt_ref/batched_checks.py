@@ -51,14 +51,15 @@ def check_batch(K, b, c, validate: str = "cheap"):
     if validate != "cheap":
         raise ValueError(f"validate={validate!r} must be 'cheap' (O(B n^2)) or 'full' (eigenvalues, O(B n^3)).")
     d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
-    K_min, K_max = torch.aminmax(K.reshape(K.shape[0], -1), dim=-1)  # (B,) one pass; NaN if K holds a NaN
-    K_max = torch.maximum(K_max, -K_min)  # (B,) max |K_ij|, inf if K holds an inf
-    scale = torch.maximum(K_max, c.abs()).clamp_min(torch.finfo(K.dtype).tiny)  # (B,)
-    asym = (K - K.mT).amax((-2, -1)) / scale  # (B,) K - K^T is antisymmetric: its max is its max |.|
+    # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
+    # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
+    asym = (K - K.mT).amax((-2, -1))  # (B,)
+    scale = torch.maximum(d.amax(-1), c.abs()).clamp_min(torch.finfo(K.dtype).tiny)  # (B,)
+    asym = asym / scale  # (B,)
     tol = PSD_RTOL[K.dtype] * (n + 1)
     minor_b = (b * b - c.unsqueeze(-1) * d).amax(-1) / scale**2  # (B,)
     flags = torch.stack([
-        ~torch.isfinite(K_max).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
+        ~torch.isfinite(asym).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
         (asym > SYMMETRY_RTOL[K.dtype]).any(),
         (d.amin(-1) / scale < -tol).any(),
         (c / scale < -tol).any() | (minor_b > tol).any(),
@@ -69,7 +70,7 @@ def check_batch(K, b, c, validate: str = "cheap"):
             raise ValueError(f"{name} contains NaN or inf; check the gradients it was computed from "
                              "(a diverged loss, or a token mask that divides by zero).")
     if flags[3]:
-        raise ValueError(f"K is not symmetric (max |K - K^T| / max|K| = {asym.max().item():.2e} > "
+        raise ValueError(f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "
                          f"{SYMMETRY_RTOL[K.dtype]:.0e}); pass K = G^T G, or symmetrize it with (K + K^T) / 2.")
     if flags[4]:
         raise ValueError("K is not PSD (a negative diagonal entry); K must be a Gram matrix: compute K = G^T G "

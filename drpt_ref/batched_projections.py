@@ -58,7 +58,8 @@ def _newton_tau(v, tau, a, h):
     return tau + torch.where(curvature > 0, step, torch.zeros_like(step))
 
 
-def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.Tensor,
+                                    exact: bool = True) -> torch.Tensor:
     """argmin_z 1/2 ||z - v||^2 s.t. a^T z = 1, 0 <= z <= h (a > 0, a^T h >= 1), eq. (5').
 
     The capped simplex is a = 1, h = u; the solver uses a = 1/sqrt(diag K) (Jacobi scaling, eq. (9)).
@@ -68,7 +69,7 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     in float32 the cumulative sum of slopes a_i^2 spanning decades loses the crossing.
     """
     if v.dtype != torch.float64 and v.device.type != "mps":
-        out = project_weighted_capped_simplex(v.double(), a.double(), h.double())
+        out = project_weighted_capped_simplex(v.double(), a.double(), h.double(), exact)
         return out.to(v.dtype)  # (B, n)
     points = torch.cat([(v - h) / a, v / a], dim=-1)  # (B, 2n) breakpoints of phi
     a2 = a * a  # (B, n)
@@ -84,11 +85,12 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     t_j, phi_j, s_j = t.gather(-1, j), phi.gather(-1, j), slope.gather(-1, j)  # (B, 1) each
     tiny = torch.finfo(v.dtype).tiny
     tau = torch.where(s_j < 0, t_j + (phi_j - 1.0) / (-s_j).clamp_min(tiny), t_j)  # (B, 1) interpolate
-    tau = _newton_tau(v, tau, a, h)
+    if exact:
+        tau = _newton_tau(v, tau, a, h)
     return torch.minimum((v - tau * a).clamp_min(0.0), h)  # (B, n)
 
 
-def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor, exact: bool = True) -> torch.Tensor:
     """argmin_z 1/2 ||z - v||^2 s.t. a^T z = 1, z >= 0 (a > 0): eq. (5') without caps, eq. (5'').
 
     The simplex in Jacobi variables (its caps z_i <= 1/a_i are implied). The breakpoints t_i = v_i/a_i
@@ -97,14 +99,15 @@ def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     (phi(t_(j)) < 1 holds on a prefix, as in eq. (5)). One sort of n instead of 2n.
     """
     if v.dtype != torch.float64 and v.device.type != "mps":  # as in eq. (5'): cumsums of a^2 in float64
-        return project_weighted_simplex(v.double(), a.double()).to(v.dtype)  # (B, n)
+        return project_weighted_simplex(v.double(), a.double(), exact).to(v.dtype)  # (B, n)
     t_sorted, order = torch.sort(v / a, dim=-1, descending=True)  # (B, n) breakpoints, descending
     a_s = a.gather(-1, order)  # (B, n)
     s_aa = (a_s * a_s).cumsum(-1)  # (B, n)
     tau_j = ((a_s * a_s * t_sorted).cumsum(-1) - 1.0) / s_aa  # (B, n) a_i v_i = a_i^2 t_i
     rho = (t_sorted > tau_j).sum(-1, keepdim=True).clamp_min(1)  # (B, 1) length of the prefix
     tau = tau_j.gather(-1, rho - 1)  # (B, 1)
-    tau = _newton_tau(v, tau, a, torch.full_like(v, float("inf")))
+    if exact:
+        tau = _newton_tau(v, tau, a, torch.full_like(v, float("inf")))
     return (v - tau * a).clamp_min(0.0)  # (B, n)
 
 
@@ -140,3 +143,54 @@ def topk_vertex(b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     chosen = torch.arange(n, device=b.device).unsqueeze(0) < kk  # (B, n) in sorted order
     w_sorted = chosen.to(b.dtype) / kk.to(b.dtype)  # (B, n)
     return torch.zeros_like(b).scatter(-1, order, w_sorted)  # (B, n)
+
+
+class JacobiSet:
+    """The feasible set in Jacobi coordinates z = w / a (eq. (9)): {a^T z = 1, 0 <= z <= u / a} or z >= 0."""
+
+    def __init__(self, a: torch.Tensor, cap: torch.Tensor | None, uncapped: bool = False):
+        self.a, self.cap, self.uncapped = a, cap, uncapped  # (B, n) and (B,) or None for the cone
+        self.h = None if cap is None else cap.unsqueeze(-1) / a  # (B, n) upper bounds on z
+
+    def take(self, keep: torch.Tensor) -> JacobiSet:
+        return JacobiSet(self.a[keep], None if self.cap is None else self.cap[keep], self.uncapped)
+
+    def repeat(self, m: int) -> JacobiSet:
+        """The set of each problem m times in a row (for m candidates of one problem, flattened)."""
+        return JacobiSet(self.a.repeat_interleave(m, 0), None if self.cap is None else self.cap.repeat_interleave(m, 0),
+                    self.uncapped)
+
+    def project(self, v: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """Eq. (5'), (5''); exact=False skips the final Newton step on tau (sum to cumsum round-off)."""
+        if self.cap is None:
+            return v.clamp_min(0.0)
+        if self.uncapped:  # cap u >= 1: z_i <= u / a_i is implied by a^T z = 1, z >= 0
+            return project_weighted_simplex(v, self.a, exact)  # eq. (5'')
+        return project_weighted_capped_simplex(v, self.a, self.h, exact)
+
+    def certificate(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """Eq. (13): FW gap in w times unit (simplex sets), or relative Jacobi-scaled KKT residual (cone). (B,)"""
+        if self.cap is None:  # scaled problem: lambda_max = 1, so min(z, g) compares like with like
+            resid = torch.minimum(z, g).abs().amax(-1)
+            return resid / (b.abs().amax(-1) + z.abs().amax(-1)).clamp_min(torch.finfo(z.dtype).tiny)
+        return unit * frank_wolfe_gap(g / self.a, z * self.a, self.cap).clamp_min(0.0)  # gradient in w is g / a
+
+    def lift(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A feasible point of `dtype` near the lower-precision feasible z, on the same face (eq. (10')).
+
+        Projecting z itself would let tau absorb z's round-off of a^T z = 1 and move every bound
+        entry off its bound; moving the bound entries of z far outside first (by 1 / a_i, much more
+        than tau a_i) keeps them at their bounds, and the projection only adjusts the free ones."""
+        z = z.to(dtype)  # (A, n)
+        if self.cap is None:
+            return z.clamp_min(0.0)
+        far = 1.0 / self.a  # (A, n) no entry of a feasible z exceeds 1 / a_i
+        v = torch.where(z <= 0, -far, z)  # (A, n)
+        if not self.uncapped:
+            v = torch.where(z >= self.h, self.h + far, v)
+        return self.project(v)
+
+    def free(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cap is None or self.uncapped:
+            return z > 0
+        return (z > 0) & (z < self.h)  # (B, n)

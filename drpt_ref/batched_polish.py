@@ -1,0 +1,200 @@
+"""The active-set polish of the batched QP solver: proximal Newton steps on compact faces, batched.
+
+Started at a feasible iterate z of FISTA (theory/batched_solvers.md, eqs. (11)-(11e)), a primal
+active-set method for B problems at once on
+
+    minimize_z   1/2 z^T K^ z - b^T z   over   {a^T z = 1, 0 <= z <= h}   or   z >= 0 (cone)
+
+Each step solves the face of the free set F (entries strictly inside their bounds) by
+
+    delta = argmin { g^T delta + 1/2 delta^T (K^_FF + rho I) delta : delta_i = 0 off F, a^T delta = 0 }
+
+on the compact block K^_FF + rho I (free indices gathered, problems grouped by |F|, eq. (11c)),
+moves as far as the bounds allow or to a longer projected step if that is lower (eq. (11e)), and
+frees the bounds whose reduced gradient points into the set after a full step (eq. (11d)).
+f never increases; with the right free set one step is exact, so a singular K costs nothing extra.
+K^ is a `ScaledGram`: products and gathered blocks of diag(s) K diag(s), never formed.
+
+Shapes:
+    K^ (A, n, n), b (A, n), z (A, n), F (A, n) bool  ->  z (A, n); face_step: delta (A, n), mu (A,)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drpt_ref.batched_projections import JacobiSet
+
+# rho of eq. (11), relative to the diagonal of K^ (the caller multiplies by max(1, 1 / L^)): large
+# enough that the Cholesky of K^_FF + rho I succeeds when K^_FF is singular (its backward error is
+# ~ s eps times the diagonal), small enough that its objective error rho/2 ||delta*||^2 (eq. (12))
+# is below the tolerance.
+POLISH_RIDGE = {torch.float64: 1e-12, torch.float32: 1e-5}
+GROUP_RATIO = 1.26  # face-size groups of eq. (11c): padding at most doubles a group's s^3 factorization cost
+GROUP_SMALL = 24  # free sets up to this size share one group
+LONG_STEPS = (1, 3, 7, 15, 31)  # 0-based breakpoints of the long steps of eq. (11e)
+ACTIVE_SET_STEPS = 32  # most steps of the active-set method per polish, eq. (11d)
+
+
+def bmv(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Batched product K x for symmetric K, computed as x^T K (3x faster on CPU). (B, n, n), (B, n) -> (B, n)."""
+    return (x.unsqueeze(-2) @ K).squeeze(-2)
+
+
+class ScaledGram:
+    """K^ = diag(s) K diag(s) (the Jacobi-scaled Gram of eq. (9), divided by L^), applied without forming it.
+
+    Forming K^ would cost a pass over K and a K-sized allocation; every use needs only products
+    K^ x = s * K (s * x) and gathered blocks K^_FF = s_F s_F^T * K_FF. K (A, n, n), s (A, n).
+    """
+
+    def __init__(self, K: torch.Tensor, s: torch.Tensor | None):
+        self.K, self.s = K, None if s is None else s.to(K.dtype)  # s None: K is K^ itself (formed)
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        """K^ x for x (A, n), or K^ x_j for each row of x (A, m, n)."""
+        if self.s is None:
+            return x @ self.K if x.ndim == 3 else bmv(self.K, x)
+        if x.ndim == 3:  # (A, m, n) -> (A, m, n)
+            return ((x * self.s.unsqueeze(1)) @ self.K) * self.s.unsqueeze(1)
+        return self.s * bmv(self.K, self.s * x)  # (A, n)
+
+    def take(self, keep: torch.Tensor) -> ScaledGram:
+        return ScaledGram(self.K[keep], None if self.s is None else self.s[keep])  # copies the kept rows of K
+
+    def block(self, idx: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """K^[idx][:, cols, cols] for problems idx (Bg,) and columns cols (Bg, s): one flat gather. (Bg, s, s)"""
+        n = self.K.shape[-1]
+        flat = idx.view(-1, 1, 1) * (n * n) + cols.unsqueeze(-1) * n + cols.unsqueeze(-2)  # (Bg, s, s) into K
+        KFF = self.K.reshape(-1).index_select(0, flat.view(-1)).view(*cols.shape, cols.shape[-1])  # (Bg, s, s)
+        if self.s is None:
+            return KFF
+        sF = self.s[idx].gather(-1, cols)  # (Bg, s)
+        return KFF.mul_(sF.unsqueeze(-1)).mul_(sF.unsqueeze(-2))
+
+
+def _groups(sizes: list[int]) -> list[list[int]]:
+    """Problems sorted by free-set size, cut into groups whose padded size s_max is small (eq. (11c)).
+
+    A group is padded to its largest member; a new group starts when the size exceeds GROUP_RATIO
+    times the group's smallest (so padding at most doubles the O(s^3) factorization cost), sizes
+    up to GROUP_SMALL share one group (their factorizations cost less than the launch overhead).
+    Size 0 (the face is a point, e.g. a vertex of the capped simplex) needs no step and no group.
+    """
+    order = sorted((s, i) for i, s in enumerate(sizes) if s > 0)
+    groups, first = [], 0
+    for s, i in order:
+        if not groups or s > max(GROUP_SMALL, GROUP_RATIO * first):
+            groups.append([])
+            first = s
+        groups[-1].append(i)
+    return groups
+
+
+def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: torch.Tensor,
+              r_eq: torch.Tensor | None = None):
+    """The proximal Newton step on the free face F, solved on the compact block K^_FF, eq. (11)-(11c).
+
+    delta = argmin { g^T delta + 1/2 delta^T (K^_FF + rho I) delta : delta_i = 0 off F, a^T delta = r_eq }
+    (no equality for the cone; r_eq = 0 unless given). For each group of problems (by |F|, `_groups`)
+    the free indices are gathered into a (Bg, s_max) index tensor, K^_FF + rho I (identity on the
+    padding) is factored once by Cholesky and solved for two right-hand sides; the multiplier mu of
+    the equality is in closed form, and delta is scattered back.
+    K^ (A, n, n), g (A, n), F (A, n) bool, rho (A,), r_eq (A,) -> delta (A, n), mu (A,)
+    """
+    n = g.shape[-1]
+    sizes = F.sum(-1)  # (A,)
+    order = torch.sort(F.to(torch.int8), dim=-1, descending=True, stable=True).indices  # (A, n) free first
+    delta, mu_all = torch.zeros_like(g), torch.zeros_like(g[:, 0])  # (A, n), (A,)
+    for members in _groups(sizes.tolist()):  # the host read of this step
+        idx = torch.tensor(members, device=g.device)  # (Bg,)
+        s = int(sizes[idx].max())
+        cols = order[idx, :s]  # (Bg, s) free indices, then padding (indices of bounded entries)
+        valid = torch.arange(s, device=g.device) < sizes[idx].unsqueeze(-1)  # (Bg, s)
+        vf = valid.to(g.dtype)
+        KFF = K.block(idx, cols)  # (Bg, s, s); the padding rows and columns are zeroed next
+        KFF = KFF * (vf.unsqueeze(-1) * vf.unsqueeze(-2))
+        KFF.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, rho[idx].unsqueeze(-1), 1.0))  # rho I on F, I on padding
+        chol, info = torch.linalg.cholesky_ex(KFF)  # (Bg, s, s); a failed factor gives NaN, zeroed below
+        gF = g[idx].gather(-1, cols) * vf  # (Bg, s)
+        if feasible_set.cap is None:
+            rhs = -gF.unsqueeze(-1)  # (Bg, s, 1)
+        else:
+            rhs = torch.stack([-gF, feasible_set.a[idx].gather(-1, cols) * vf], dim=-1)  # (Bg, s, 2)
+        half = torch.linalg.solve_triangular(chol, rhs, upper=False)  # cholesky_solve is slow on CPU
+        sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)  # (Bg, s, 1 or 2)
+        step = sol[..., 0]  # (Bg, s)
+        mu = torch.zeros_like(step[:, :1])  # (Bg, 1)
+        if feasible_set.cap is not None:  # the multiplier of a^T delta = r_eq, eq. (11b)
+            aF = rhs[..., 1]
+            denom, num = (aF * sol[..., 1]).sum(-1, keepdim=True), (aF * step).sum(-1, keepdim=True)  # (Bg, 1)
+            if r_eq is not None:
+                num = num - r_eq[idx].unsqueeze(-1)
+            mu = torch.where(denom > 0, num / denom.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(denom))
+            step = step - mu * sol[..., 1]
+        ok = (info == 0).unsqueeze(-1) & torch.isfinite(step).all(-1, keepdim=True)  # (Bg, 1)
+        step = torch.where(ok, step * vf, torch.zeros_like(step))
+        delta[idx] = torch.zeros(len(members), n, dtype=g.dtype, device=g.device).scatter(-1, cols, step)
+        mu_all[idx] = torch.where(ok, mu, torch.zeros_like(mu)).squeeze(-1)
+    return delta, mu_all
+
+
+def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, dual_floor: torch.Tensor) -> torch.Tensor:
+    """Eq. (11d): a primal active-set method from the feasible z (the FISTA iterate), batched; rho (A,).
+
+    Each step solves the face of the current free set F (`face_step`) and moves z toward its
+    minimizer, as far as the bounds allow: a blocked step fixes the entries that reach a bound; a
+    full step lands on the face minimizer, and then every bounded entry whose reduced gradient
+    r = g + mu a points into the set by more than dual_floor (A,) is freed. f never increases. A
+    problem leaves the loop when a full step frees nothing (its face is optimal up to dual_floor)
+    or after `steps` steps; the certificate (13) judges the result. (A, n, n), (A, n), (A, n) -> (A, n)
+    """
+    A_, n = z.shape
+    h_all = torch.full_like(z, float("inf")) if fs.h is None else fs.h  # (A, n)
+    z = z.clone()
+    live = torch.arange(A_, device=z.device)  # (L,) problems still in the loop
+    Kl, bl, zl, sl, hl, dl, rl = K, b, z, fs, h_all, dual_floor, rho
+    F = fs.free(z)  # (L, n)
+    upper = ~F & (z >= h_all)  # (L, n) at the cap (never for the cone or the simplex)
+    g = Kl.mv(zl) - bl  # (L, n)
+    go = torch.ones(A_, dtype=torch.bool, device=z.device)  # (L,) false: done, frozen until the next compaction
+    for _ in range(steps):
+        delta, mu = face_step(Kl, g, sl, F & go.unsqueeze(-1), rl)  # (L, n), (L,); frozen: no free set, no step
+        big = torch.full_like(zl, float("inf"))
+        to_zero = torch.where(F & (delta < 0), zl / (-delta), big)  # (L, n)
+        to_cap = torch.where(F & (delta > 0), (hl - zl) / delta, big)
+        ratios = torch.minimum(to_zero, to_cap)  # (L, n) step at which each free entry meets its bound
+        t = ratios.amin(-1, keepdim=True).clamp(0.0, 1.0)  # (L, 1)
+        full = t.squeeze(-1) >= 1.0  # (L,)
+        hit_lo, hit_hi = F & ~full.unsqueeze(-1) & (to_zero <= t), F & ~full.unsqueeze(-1) & (to_cap <= t)
+        cut = torch.where(hit_lo, 0.0, torch.where(hit_hi, hl, zl + t * delta)).clamp_min(0.0)  # (L, n)
+        # eq. (11e): longer steps, projected, at the 2nd, 4th, ... breakpoint; several bounds join at once
+        kth = torch.sort(ratios, dim=-1).values[:, [k for k in LONG_STEPS if k < n]].clamp(max=1.0)  # (L, m)
+        longs = sl.repeat(kth.shape[-1]).project((zl.unsqueeze(1) + kth.unsqueeze(-1) * delta.unsqueeze(1)).flatten(
+            0, 1)).view(zl.shape[0], -1, n)  # (L, m, n)
+        cands = torch.cat([cut.unsqueeze(1), longs], dim=1)  # (L, m + 1, n)
+        f_c = 0.5 * (cands * Kl.mv(cands)).sum(-1) - (cands * bl.unsqueeze(1)).sum(-1)  # (L, m + 1)
+        f_c[:, 1:] = torch.where(full.unsqueeze(-1), float("inf"), f_c[:, 1:])  # a full step is the face minimizer
+        best = f_c.argmin(-1)  # (L,) ties: the cut step
+        zl = cands.gather(1, best.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)  # (L, n)
+        jumped = (best > 0).unsqueeze(-1)
+        hit_lo = (hit_lo & ~jumped) | (jumped & F & (zl <= 0))
+        hit_hi = (hit_hi & ~jumped) | (jumped & F & (zl >= hl))
+        full = full & ~jumped.squeeze(-1)
+        g = Kl.mv(zl) - bl  # (L, n)
+        r = g if sl.cap is None else g + mu.unsqueeze(-1) * sl.a  # (L, n) reduced gradient, valid after a full step
+        scale = 1.0 if sl.cap is None else sl.a  # violations in w units: r_i / a_i (simplex sets)
+        enter = full.unsqueeze(-1) & ~F & ~upper & (r < -dl.unsqueeze(-1) * scale)  # (L, n) leave 0
+        leave = full.unsqueeze(-1) & upper & (r > dl.unsqueeze(-1) * scale)  # leave the cap
+        F = (F & ~hit_lo & ~hit_hi) | enter | leave
+        upper = (upper & ~leave) | hit_hi
+        go = go & (~full | (enter | leave).any(-1))  # (L,)
+        n_go = int(go.sum())  # the host read of this step
+        if n_go == 0:
+            break
+        if 2 * n_go <= go.numel():  # compact when half are done (copying K rows costs about one product)
+            z[live], k = zl, go
+            live, zl, g, F, upper, dl, rl, go = live[k], zl[k], g[k], F[k], upper[k], dl[k], rl[k], go[k]
+            Kl, bl, hl, sl = Kl.take(k), bl[k], hl[k], sl.take(k)
+    z[live] = zl
+    return z
