@@ -30,8 +30,9 @@ from drpt_ref.batched_projections import JacobiSet
 # ~ s eps times the diagonal), small enough that its objective error rho/2 ||delta*||^2 (eq. (12))
 # is below the tolerance.
 POLISH_RIDGE = {torch.float64: 1e-12, torch.float32: 1e-5}
-GROUP_RATIO = 1.26  # face-size groups of eq. (11c): padding at most doubles a group's s^3 factorization cost
-GROUP_SMALL = 24  # free sets up to this size share one group
+# eq. (11c): a group of faces costs about 30 tensor launches plus its padded factorizations (s^3 / 3
+# flops each); on a CPU core the launches of one group take about as long as one factorization at s = 128
+GROUP_LAUNCH = 128**3 // 2
 LONG_STEPS = (1, 3, 7, 15, 31)  # 0-based breakpoints of the long steps of eq. (11e)
 ACTIVE_SET_STEPS = 32  # most steps of the active-set method per polish, eq. (11d)
 
@@ -73,21 +74,22 @@ class ScaledGram:
         return KFF.mul_(sF.unsqueeze(-1)).mul_(sF.unsqueeze(-2))
 
 
-def _groups(sizes: list[int]) -> list[list[int]]:
-    """Problems sorted by free-set size, cut into groups whose padded size s_max is small (eq. (11c)).
+def _groups(sizes: list[int]) -> list[tuple[list[int], int]]:
+    """Problems sorted by free-set size, cut into groups that are each padded to their largest member
+    (eq. (11c)); returns (members, padded size) per group.
 
-    A group is padded to its largest member; a new group starts when the size exceeds GROUP_RATIO
-    times the group's smallest (so padding at most doubles the O(s^3) factorization cost), sizes
-    up to GROUP_SMALL share one group (their factorizations cost less than the launch overhead).
-    Size 0 (the face is a point, e.g. a vertex of the capped simplex) needs no step and no group.
+    One pass over the sorted sizes: the next problem joins the current group when padding the group's
+    members up to its size costs less than the launches of a new group (GROUP_LAUNCH, in units of the
+    s^3 of a factorization), otherwise it starts a new group. Size 0 (the face is a point, e.g. a
+    vertex of the capped simplex) needs no step and no group.
     """
-    order = sorted((s, i) for i, s in enumerate(sizes) if s > 0)
-    groups, first = [], 0
-    for s, i in order:
-        if not groups or s > max(GROUP_SMALL, GROUP_RATIO * first):
-            groups.append([])
-            first = s
-        groups[-1].append(i)
+    groups = []
+    for s, i in sorted((s, i) for i, s in enumerate(sizes) if s > 0):
+        if groups and len(groups[-1][0]) * (s**3 - groups[-1][1] ** 3) <= GROUP_LAUNCH:
+            groups[-1][0].append(i)
+            groups[-1] = (groups[-1][0], s)
+        else:
+            groups.append(([i], s))
     return groups
 
 
@@ -106,9 +108,8 @@ def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: t
     sizes = F.sum(-1)  # (A,)
     order = torch.sort(F.to(torch.int8), dim=-1, descending=True, stable=True).indices  # (A, n) free first
     delta, mu_all = torch.zeros_like(g), torch.zeros_like(g[:, 0])  # (A, n), (A,)
-    for members in _groups(sizes.tolist()):  # the host read of this step
+    for members, s in _groups(sizes.tolist()):  # the host read of this step
         idx = torch.tensor(members, device=g.device)  # (Bg,)
-        s = int(sizes[idx].max())
         cols = order[idx, :s]  # (Bg, s) free indices, then padding (indices of bounded entries)
         valid = torch.arange(s, device=g.device) < sizes[idx].unsqueeze(-1)  # (Bg, s)
         vf = valid.to(g.dtype)
@@ -137,6 +138,21 @@ def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: t
         delta[idx] = torch.zeros(len(members), n, dtype=g.dtype, device=g.device).scatter(-1, cols, step)
         mu_all[idx] = torch.where(ok, mu, torch.zeros_like(mu)).squeeze(-1)
     return delta, mu_all
+
+
+def _long_steps(K: ScaledGram, b, fs: JacobiSet, z, cut, delta, ratios, blocked):
+    """Eq. (11e): the projected steps P(z + t_k delta) at the LONG_STEPS-th smallest bound-hitting step
+    (capped at 1), evaluated with the cut step in one batched product; where a step was cut (blocked (L,)),
+    the lowest f wins (ties: the cut). -> the new z (L, n), and (L, 1) true where a long step won."""
+    n = z.shape[-1]
+    kth = torch.sort(ratios, dim=-1).values[:, [k for k in LONG_STEPS if k < n]].clamp(max=1.0)  # (L, m)
+    longs = fs.repeat(kth.shape[-1]).project((z.unsqueeze(1) + kth.unsqueeze(-1) * delta.unsqueeze(1)).flatten(
+        0, 1)).view(z.shape[0], -1, n)  # (L, m, n)
+    cands = torch.cat([cut.unsqueeze(1), longs], dim=1)  # (L, m + 1, n)
+    f_c = 0.5 * (cands * K.mv(cands)).sum(-1) - (cands * b.unsqueeze(1)).sum(-1)  # (L, m + 1)
+    f_c[:, 1:] = torch.where(blocked.unsqueeze(-1), f_c[:, 1:], float("inf"))  # a full step is the face minimizer
+    best = f_c.argmin(-1)  # (L,) ties: the cut step
+    return cands.gather(1, best.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1), (best > 0).unsqueeze(-1)
 
 
 def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, dual_floor: torch.Tensor) -> torch.Tensor:
@@ -168,19 +184,14 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
         full = t.squeeze(-1) >= 1.0  # (L,)
         hit_lo, hit_hi = F & ~full.unsqueeze(-1) & (to_zero <= t), F & ~full.unsqueeze(-1) & (to_cap <= t)
         cut = torch.where(hit_lo, 0.0, torch.where(hit_hi, hl, zl + t * delta)).clamp_min(0.0)  # (L, n)
-        # eq. (11e): longer steps, projected, at the 2nd, 4th, ... breakpoint; several bounds join at once
-        kth = torch.sort(ratios, dim=-1).values[:, [k for k in LONG_STEPS if k < n]].clamp(max=1.0)  # (L, m)
-        longs = sl.repeat(kth.shape[-1]).project((zl.unsqueeze(1) + kth.unsqueeze(-1) * delta.unsqueeze(1)).flatten(
-            0, 1)).view(zl.shape[0], -1, n)  # (L, m, n)
-        cands = torch.cat([cut.unsqueeze(1), longs], dim=1)  # (L, m + 1, n)
-        f_c = 0.5 * (cands * Kl.mv(cands)).sum(-1) - (cands * bl.unsqueeze(1)).sum(-1)  # (L, m + 1)
-        f_c[:, 1:] = torch.where(full.unsqueeze(-1), float("inf"), f_c[:, 1:])  # a full step is the face minimizer
-        best = f_c.argmin(-1)  # (L,) ties: the cut step
-        zl = cands.gather(1, best.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)  # (L, n)
-        jumped = (best > 0).unsqueeze(-1)
+        blocked = ~full & go  # (L,)
+        jumped = torch.zeros_like(F)  # (L, n) broadcast row flag: took a long step
+        if bool(blocked.any()):  # eq. (11e), only where a step was cut
+            zl, jumped = _long_steps(Kl, bl, sl, zl, cut, delta, ratios, blocked)
+        else:
+            zl = cut
         hit_lo = (hit_lo & ~jumped) | (jumped & F & (zl <= 0))
         hit_hi = (hit_hi & ~jumped) | (jumped & F & (zl >= hl))
-        full = full & ~jumped.squeeze(-1)
         g = Kl.mv(zl) - bl  # (L, n)
         r = g if sl.cap is None else g + mu.unsqueeze(-1) * sl.a  # (L, n) reduced gradient, valid after a full step
         scale = 1.0 if sl.cap is None else sl.a  # violations in w units: r_i / a_i (simplex sets)
