@@ -229,11 +229,14 @@ def run(args) -> int:
         "- qpth: " + ("installed; Q = K + 1e-9 mean(diag K) I (qpth needs an SPD Q), eps=1e-12, maxIter=50"
                       if have_qpth else "not installed (pip install qpth to add its column)"),
     ]
+    load_start = os.getloadavg()[0]  # (1-minute) the machine may be shared: the ratios are within this run
     rows = []
     for B, n in grid:
         for method in methods:
             rows.append(bench_cell(rng, method, B, n, args, device, have_qpth))
             print(f"  done {method} B={B} n={n}", flush=True)
+    header.append(f"- load average (1 minute) on the {os.cpu_count()} cores: {load_start:.2f} at the start, "
+                  f"{os.getloadavg()[0]:.2f} at the end")
     table = render(rows, header)
     print(table)
     if args.out:
