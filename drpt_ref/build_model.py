@@ -178,7 +178,8 @@ def write_checkpoint(cfg: BuildConfig, model, card: dict, rows: list[dict]) -> N
 def command_line(cfg: BuildConfig) -> str:
     """The shortest `python -m drpt_ref build-model ...` that recreates cfg."""
     base = dataclasses.asdict(make_config({"config": cfg.config}))
-    diff = [f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != base[k] and k != "progress"]
+    diff = [f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items()
+            if v != base[k] and k != "progress"]
     parts = ["python -m drpt_ref build-model"] + ([f"--config {cfg.config}"] if cfg.config != "tiny" else [])
     return " ".join(parts + [d for d in diff if not d.startswith("--config ")])
 
@@ -242,9 +243,12 @@ Same seed and thread count on the same kind of machine gives the same weights.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per BuildConfig field, spelled with hyphens like every other command (--n-layer); the
+    underscore spelling (--n_layer) of earlier model cards is kept as an alias."""
     for f in dataclasses.fields(BuildConfig):
         kind = parse_bool if f.type in (bool, "bool") else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=None,
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, type=kind, default=None,
                             help=f"default {f.default!r} (or the preset's value)")
 
 

@@ -159,3 +159,23 @@ def record_short_build() -> None:
 
 if __name__ == "__main__":
     record_short_build()
+
+
+def test_build_flags_round_trip_and_accept_both_spellings():
+    """The model card's rebuild command parses back to the same config; --n-layer and --n_layer agree."""
+    import argparse
+    import dataclasses
+
+    from drpt_ref.build_model import add_arguments, command_line
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = make_config({"n_layer": 2, "n_embd": 48, "steps": 7, "lr": 0.002, "out": "/tmp/x"})
+
+    def parse(argv):
+        return make_config({k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
+
+    argv = command_line(cfg).split()[4:]  # after "python -m drpt_ref build-model"
+    assert "--n-layer" in argv and not any("_" in a for a in argv if a.startswith("--"))
+    assert dataclasses.asdict(parse(argv)) == dataclasses.asdict(cfg)
+    assert parse(["--n_layer", "5"]).n_layer == parse(["--n-layer", "5"]).n_layer == 5
