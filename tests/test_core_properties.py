@@ -124,3 +124,26 @@ def test_idempotent(method):
         scale = pr.c + np.abs(pr.K).max() + 1.0
         assert float(again.objective) <= 1e-9 * scale, (pr.family, float(again.objective))
         assert np.sum((d2 - d) ** 2) <= 1e-8 * scale
+
+
+def test_lawson_hanson_continues_to_the_optimum_from_any_feasible_point(rng):
+    """The fallback of the exact cone solver (scipy's nnls can stop short on dependent columns):
+    from a non-optimal start it reaches cvxpy's value and the KKT conditions, on rank-deficient problems."""
+    import cvxpy as cp
+
+    from drpt_ref.cone_subspace import lawson_hanson
+    from drpt_ref.direction import gram_factor
+
+    for family in ["duplicates", "low_rank", "duplicates", "gaussian"]:
+        p = random_problem(rng, family, n=40)
+        F = gram_factor(p.K, p.b, p.c)
+        start = rng.uniform(0.0, 1.0, size=40) * (rng.uniform(size=40) < 0.5)  # feasible, far from optimal
+        w = lawson_hanson(F[:, 1:], F[:, 0], start, max_iter=500, dual_tol=1e-12)
+        x = cp.Variable(40)
+        ref = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(p.G @ x - p.g_T)), [x >= 0]).solve(
+            solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        mine = 0.5 * np.sum((p.G @ w - p.g_T) ** 2)
+        assert w.min() >= 0.0 and abs(mine - ref) <= obj_tol(ref), (family, mine, ref)
+        r = p.K @ w - p.b  # KKT: gradient >= 0, and 0 where w > 0 (relative to the data's size)
+        scale = np.abs(p.b).max() + np.abs(p.K).max() * np.abs(w).max()
+        assert r.min() >= -1e-9 * scale and np.abs(r[w > 0]).max(initial=0.0) <= 1e-9 * scale
