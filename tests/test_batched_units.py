@@ -164,6 +164,10 @@ def test_bad_input_names_the_argument():
         (dict(K=K.clone().index_put_((torch.tensor(0), torch.tensor(0), torch.tensor(1)), torch.tensor(0.5).double())),
          "not symmetric"),
         (dict(b=b.clone().fill_(float("nan"))), "b contains NaN"), (dict(K=-K), "not PSD"),
+        (dict(K=K.clone().index_put_((torch.tensor(1), torch.tensor(2), torch.tensor(0)), torch.tensor(float("nan"))
+                                     .double())), "K contains NaN"),
+        (dict(K=K.clone().index_put_((torch.tensor(0), torch.tensor(1), torch.tensor(1)), torch.tensor(float("inf"))
+                                     .double())), "K contains NaN or inf"),
         (dict(b=b + 5.0), "b and c do not match K"), (dict(K=np.eye(3)), "torch tensor"),
     ]
     for change, message in cases:
