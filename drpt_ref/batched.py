@@ -89,7 +89,10 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             "iterations": torch.zeros(B, dtype=torch.long, device=device), "certificate": zeros.clone(),
             "certificate_kind": "closed_form"}
     uniform = torch.full((B, n), 1.0 / n, dtype=dtype, device=device)
-    with torch.no_grad():
+    # inference mode: no autograd bookkeeping per tensor operation (about 10 % of the iterative solvers'
+    # time on a CPU core, where the time is the count of small operations); outputs are cloned into
+    # ordinary tensors below, so callers may use them anywhere, autograd included
+    with torch.inference_mode():
         if method == "target":  # eq. (1): alpha = 1, w = 0
             alpha, w = torch.ones_like(alpha), torch.zeros_like(b)
         elif method == "mean":
@@ -144,4 +147,5 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             warn_not_converged(method, info["converged"], resid, tol, 1 + REFINE_STEPS, "kkt_residual_relative")
         objective = gram_objective_batched(K, b, c, alpha, w)
         info.setdefault("program_value", objective)
-    return Direction(alpha=alpha, weights=w, objective=objective, info=info)
+    info = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in info.items()}
+    return Direction(alpha=alpha.clone(), weights=w.clone(), objective=objective.clone(), info=info)
