@@ -63,14 +63,13 @@ class ScaledGram:
     def take(self, keep: torch.Tensor) -> ScaledGram:
         return ScaledGram(self.K[keep], None if self.s is None else self.s[keep])  # copies the kept rows of K
 
-    def block(self, idx: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """K^[idx][:, cols, cols] for problems idx (Bg,) and columns cols (Bg, s): one flat gather. (Bg, s, s)"""
+    def block(self, idx: torch.Tensor, cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mask_i mask_j K^[idx][:, cols, cols] for problems idx (Bg,), columns cols (Bg, s) and a 0/1
+        mask (Bg, s) of the valid columns (padding rows and columns come out zero): one flat gather."""
         n = self.K.shape[-1]
         flat = idx.view(-1, 1, 1) * (n * n) + cols.unsqueeze(-1) * n + cols.unsqueeze(-2)  # (Bg, s, s) into K
         KFF = self.K.reshape(-1).index_select(0, flat.view(-1)).view(*cols.shape, cols.shape[-1])  # (Bg, s, s)
-        if self.s is None:
-            return KFF
-        sF = self.s[idx].gather(-1, cols)  # (Bg, s)
+        sF = mask if self.s is None else self.s[idx].gather(-1, cols) * mask  # (Bg, s)
         return KFF.mul_(sF.unsqueeze(-1)).mul_(sF.unsqueeze(-2))
 
 
@@ -99,44 +98,37 @@ def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: t
 
     delta = argmin { g^T delta + 1/2 delta^T (K^_FF + rho I) delta : delta_i = 0 off F, a^T delta = r_eq }
     (no equality for the cone; r_eq = 0 unless given). For each group of problems (by |F|, `_groups`)
-    the free indices are gathered into a (Bg, s_max) index tensor, K^_FF + rho I (identity on the
-    padding) is factored once by Cholesky and solved for two right-hand sides; the multiplier mu of
+    the free indices are gathered into a (Bg, s_max) index tensor, K^_FF + rho I (rho I on the padding,
+    decoupled) is factored once by Cholesky and solved for two right-hand sides; the multiplier mu of
     the equality is in closed form, and delta is scattered back.
     K^ (A, n, n), g (A, n), F (A, n) bool, rho (A,), r_eq (A,) -> delta (A, n), mu (A,)
     """
-    n = g.shape[-1]
     sizes = F.sum(-1)  # (A,)
     order = torch.sort(F.to(torch.int8), dim=-1, descending=True, stable=True).indices  # (A, n) free first
     delta, mu_all = torch.zeros_like(g), torch.zeros_like(g[:, 0])  # (A, n), (A,)
     for members, s in _groups(sizes.tolist()):  # the host read of this step
         idx = torch.tensor(members, device=g.device)  # (Bg,)
         cols = order[idx, :s]  # (Bg, s) free indices, then padding (indices of bounded entries)
-        valid = torch.arange(s, device=g.device) < sizes[idx].unsqueeze(-1)  # (Bg, s)
-        vf = valid.to(g.dtype)
-        KFF = K.block(idx, cols)  # (Bg, s, s); the padding rows and columns are zeroed next
-        KFF = KFF * (vf.unsqueeze(-1) * vf.unsqueeze(-2))
-        KFF.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, rho[idx].unsqueeze(-1), 1.0))  # rho I on F, I on padding
+        vf = (torch.arange(s, device=g.device) < sizes[idx].unsqueeze(-1)).to(g.dtype)  # (Bg, s) 1 on F
+        KFF = K.block(idx, cols, vf)  # (Bg, s, s), zero on the padding
+        # + rho I: on the padding the block becomes rho I, decoupled, so the solution is 0 there
+        KFF.diagonal(dim1=-2, dim2=-1).add_(rho[idx].unsqueeze(-1))
         chol, info = torch.linalg.cholesky_ex(KFF)  # (Bg, s, s); a failed factor gives NaN, zeroed below
-        gF = g[idx].gather(-1, cols) * vf  # (Bg, s)
-        if feasible_set.cap is None:
-            rhs = -gF.unsqueeze(-1)  # (Bg, s, 1)
-        else:
-            rhs = torch.stack([-gF, feasible_set.a[idx].gather(-1, cols) * vf], dim=-1)  # (Bg, s, 2)
-        half = torch.linalg.solve_triangular(chol, rhs, upper=False)  # cholesky_solve is slow on CPU
-        sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)  # (Bg, s, 1 or 2)
+        rhs = -g[idx].gather(-1, cols) * vf  # (Bg, s)
+        if feasible_set.cap is not None:
+            rhs = torch.stack([rhs, feasible_set.a[idx].gather(-1, cols) * vf], dim=-1)  # (Bg, s, 2)
+        half = torch.linalg.solve_triangular(chol, rhs.view(*rhs.shape[:2], -1), upper=False)  # cholesky_solve
+        sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)  # (Bg, s, 1 or 2); is slow on CPU
         step = sol[..., 0]  # (Bg, s)
-        mu = torch.zeros_like(step[:, :1])  # (Bg, 1)
-        if feasible_set.cap is not None:  # the multiplier of a^T delta = r_eq, eq. (11b)
-            aF = rhs[..., 1]
-            denom, num = (aF * sol[..., 1]).sum(-1, keepdim=True), (aF * step).sum(-1, keepdim=True)  # (Bg, 1)
-            if r_eq is not None:
-                num = num - r_eq[idx].unsqueeze(-1)
-            mu = torch.where(denom > 0, num / denom.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(denom))
-            step = step - mu * sol[..., 1]
-        ok = (info == 0).unsqueeze(-1) & torch.isfinite(step).all(-1, keepdim=True)  # (Bg, 1)
-        step = torch.where(ok, step * vf, torch.zeros_like(step))
-        delta[idx] = torch.zeros(len(members), n, dtype=g.dtype, device=g.device).scatter(-1, cols, step)
-        mu_all[idx] = torch.where(ok, mu, torch.zeros_like(mu)).squeeze(-1)
+        mu = torch.zeros_like(step[:, 0])  # (Bg,)
+        if feasible_set.cap is not None:  # the multiplier of a^T delta = r_eq, eq. (11b); a_F^T x_2 > 0
+            aF, x2 = rhs[..., 1], sol[..., 1]  # (Bg, s) each
+            num = (aF * step).sum(-1) if r_eq is None else (aF * step).sum(-1) - r_eq[idx]  # (Bg,)
+            mu = num / (aF * x2).sum(-1).clamp_min(torch.finfo(g.dtype).tiny)  # (Bg,)
+            step = step - mu.unsqueeze(-1) * x2
+        ok = (info == 0) & torch.isfinite(step).all(-1)  # (Bg,)
+        delta[idx.unsqueeze(-1), cols] = torch.where(ok.unsqueeze(-1), step, 0.0)  # padding entries get 0
+        mu_all[idx] = torch.where(ok, mu, 0.0)
     return delta, mu_all
 
 
@@ -166,46 +158,49 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
     or after `steps` steps; the certificate (13) judges the result. (A, n, n), (A, n), (A, n) -> (A, n)
     """
     A_, n = z.shape
-    h_all = torch.full_like(z, float("inf")) if fs.h is None else fs.h  # (A, n)
+    capped = fs.cap is not None and not fs.uncapped  # entries can sit at a cap (capped simplex only)
     z = z.clone()
     live = torch.arange(A_, device=z.device)  # (L,) problems still in the loop
-    Kl, bl, zl, sl, hl, dl, rl = K, b, z, fs, h_all, dual_floor, rho
+    Kl, bl, zl, sl, dl, rl = K, b, z, fs, dual_floor, rho
+    hl = fs.h if capped else None  # (L, n) the caps
     F = fs.free(z)  # (L, n)
-    upper = ~F & (z >= h_all)  # (L, n) at the cap (never for the cone or the simplex)
+    upper = ~F & (z >= hl) if capped else None  # (L, n) at the cap
     g = Kl.mv(zl) - bl  # (L, n)
     go = torch.ones(A_, dtype=torch.bool, device=z.device)  # (L,) false: done, frozen until the next compaction
     for _ in range(steps):
         delta, mu = face_step(Kl, g, sl, F & go.unsqueeze(-1), rl)  # (L, n), (L,); frozen: no free set, no step
-        big = torch.full_like(zl, float("inf"))
-        to_zero = torch.where(F & (delta < 0), zl / (-delta), big)  # (L, n)
-        to_cap = torch.where(F & (delta > 0), (hl - zl) / delta, big)
-        ratios = torch.minimum(to_zero, to_cap)  # (L, n) step at which each free entry meets its bound
+        ratios = torch.where(F & (delta < 0), zl / (-delta), float("inf"))  # (L, n) step at which z_i meets 0
+        if capped:  # ... or its cap
+            ratios = torch.minimum(ratios, torch.where(F & (delta > 0), (hl - zl) / delta, float("inf")))
         t = ratios.amin(-1, keepdim=True).clamp(0.0, 1.0)  # (L, 1)
         full = t.squeeze(-1) >= 1.0  # (L,)
-        hit_lo, hit_hi = F & ~full.unsqueeze(-1) & (to_zero <= t), F & ~full.unsqueeze(-1) & (to_cap <= t)
-        cut = torch.where(hit_lo, 0.0, torch.where(hit_hi, hl, zl + t * delta)).clamp_min(0.0)  # (L, n)
+        hit = F & (ratios <= t) & ~full.unsqueeze(-1)  # (L, n) the entries that block the step
+        bound = torch.where(delta < 0, 0.0, hl) if capped else 0.0  # the bound each blocking entry lands on
+        cut = torch.where(hit, bound, zl + t * delta).clamp_min(0.0)  # (L, n)
         blocked = ~full & go  # (L,)
-        jumped = torch.zeros_like(F)  # (L, n) broadcast row flag: took a long step
-        if bool(blocked.any()):  # eq. (11e), only where a step was cut
+        if bool(blocked.any()):  # eq. (11e): where a long step wins, its entries at a bound leave F instead
             zl, jumped = _long_steps(Kl, bl, sl, zl, cut, delta, ratios, blocked)
+            at_bound = (zl <= 0) | (zl >= hl) if capped else zl <= 0
+            hit = torch.where(jumped, F & at_bound, hit)  # (L, n)
         else:
             zl = cut
-        hit_lo = (hit_lo & ~jumped) | (jumped & F & (zl <= 0))
-        hit_hi = (hit_hi & ~jumped) | (jumped & F & (zl >= hl))
         g = Kl.mv(zl) - bl  # (L, n)
         r = g if sl.cap is None else g + mu.unsqueeze(-1) * sl.a  # (L, n) reduced gradient, valid after a full step
-        scale = 1.0 if sl.cap is None else sl.a  # violations in w units: r_i / a_i (simplex sets)
-        enter = full.unsqueeze(-1) & ~F & ~upper & (r < -dl.unsqueeze(-1) * scale)  # (L, n) leave 0
-        leave = full.unsqueeze(-1) & upper & (r > dl.unsqueeze(-1) * scale)  # leave the cap
-        F = (F & ~hit_lo & ~hit_hi) | enter | leave
-        upper = (upper & ~leave) | hit_hi
-        go = go & (~full | (enter | leave).any(-1))  # (L,)
+        viol = -dl.unsqueeze(-1) * (1.0 if sl.cap is None else sl.a)  # (L, n) violations in w units: r_i / a_i
+        enter = full.unsqueeze(-1) & ~F & (r < viol)  # (L, n) leave 0 (or the cap, below)
+        if capped:
+            leave = full.unsqueeze(-1) & upper & (r > -viol)  # (L, n) leave the cap
+            enter = (enter & ~upper) | leave
+            upper = (upper & ~leave) | (hit & (zl >= hl))
+        F = (F & ~hit) | enter  # the blocking entries leave F (an entry that just entered at 0 and grows stays)
+        go = go & (~full | enter.any(-1))  # (L,)
         n_go = int(go.sum())  # the host read of this step
         if n_go == 0:
             break
         if 2 * n_go <= go.numel():  # compact when half are done (copying K rows costs about one product)
             z[live], k = zl, go
-            live, zl, g, F, upper, dl, rl, go = live[k], zl[k], g[k], F[k], upper[k], dl[k], rl[k], go[k]
-            Kl, bl, hl, sl = Kl.take(k), bl[k], hl[k], sl.take(k)
+            live, zl, g, F, dl, rl, go = live[k], zl[k], g[k], F[k], dl[k], rl[k], go[k]
+            Kl, bl, sl = Kl.take(k), bl[k], sl.take(k)
+            hl, upper = (hl[k], upper[k]) if capped else (None, None)
     z[live] = zl
     return z
