@@ -138,8 +138,7 @@ def _long_steps(K: ScaledGram, b, fs: JacobiSet, z, cut, delta, ratios, blocked)
     the lowest f wins (ties: the cut). -> the new z (L, n), and (L, 1) true where a long step won."""
     n = z.shape[-1]
     kth = torch.sort(ratios, dim=-1).values[:, [k for k in LONG_STEPS if k < n]].clamp(max=1.0)  # (L, m)
-    longs = fs.repeat(kth.shape[-1]).project((z.unsqueeze(1) + kth.unsqueeze(-1) * delta.unsqueeze(1)).flatten(
-        0, 1)).view(z.shape[0], -1, n)  # (L, m, n)
+    longs = fs.project(z.unsqueeze(1) + kth.unsqueeze(-1) * delta.unsqueeze(1))  # (L, m, n)
     cands = torch.cat([cut.unsqueeze(1), longs], dim=1)  # (L, m + 1, n)
     f_c = 0.5 * (cands * K.mv(cands)).sum(-1) - (cands * b.unsqueeze(1)).sum(-1)  # (L, m + 1)
     f_c[:, 1:] = torch.where(blocked.unsqueeze(-1), f_c[:, 1:], float("inf"))  # a full step is the face minimizer

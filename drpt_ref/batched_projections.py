@@ -19,7 +19,8 @@ for the capped simplex C_u = {w : 0 <= w <= u, sum w = 1} with a per-problem cap
 The LMO puts u on the smallest entries of g: the sorted weights are clip(1 - j u, 0, u), j = 0..n-1.
 
 Shapes:
-    v, g (B, n); cap u (B,) or a Python float; outputs (B, n) or (B,)
+    v, g (B, n); cap u (B,) or a Python float; outputs (B, n) or (B,). The weighted projections also
+    take v (B, m, n) with a, h (B, 1, n): m points of each problem at once.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     if v.dtype != torch.float64 and v.device.type != "mps":
         out = project_weighted_capped_simplex(v.double(), a.double(), h.double(), exact)
         return out.to(v.dtype)  # (B, n)
+    a, h = a.expand_as(v), h.expand_as(v)  # views: a and h may broadcast over leading dimensions of v
     points = torch.cat([(v - h) / a, v / a], dim=-1)  # (B, 2n) breakpoints of phi
     a2 = a * a  # (B, n)
     slope_inc = torch.cat([-a2, a2], dim=-1)  # (B, 2n)
@@ -78,9 +80,9 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     slope = slope_inc.gather(-1, order).cumsum(-1)  # (B, 2n) slope of phi on (t_j, t_{j+1})
     dt = t.diff(dim=-1)  # (B, 2n-1)
     phi0 = (a * h).sum(-1, keepdim=True)  # (B, 1) phi at the smallest breakpoint: every entry at its cap
-    phi = torch.cat([phi0, phi0 + (slope[:, :-1] * dt).cumsum(-1)], dim=-1)  # (B, 2n) phi(t_j)
-    crossed = phi[:, 1:] <= 1.0  # (B, 2n-1); phi reaches 0 at the last breakpoint
-    last = torch.full_like(crossed[:, 0], crossed.shape[-1] - 1, dtype=torch.long)  # (B,)
+    phi = torch.cat([phi0, phi0 + (slope[..., :-1] * dt).cumsum(-1)], dim=-1)  # (B, 2n) phi(t_j)
+    crossed = phi[..., 1:] <= 1.0  # (B, 2n-1); phi reaches 0 at the last breakpoint
+    last = torch.full_like(crossed[..., 0], crossed.shape[-1] - 1, dtype=torch.long)  # (B,)
     j = torch.where(crossed.any(-1), crossed.to(torch.uint8).argmax(-1), last).unsqueeze(-1)  # (B, 1) first crossing
     t_j, phi_j, s_j = t.gather(-1, j), phi.gather(-1, j), slope.gather(-1, j)  # (B, 1) each
     tiny = torch.finfo(v.dtype).tiny
@@ -100,6 +102,7 @@ def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor, exact: bool = Tru
     """
     if v.dtype != torch.float64 and v.device.type != "mps":  # as in eq. (5'): cumsums of a^2 in float64
         return project_weighted_simplex(v.double(), a.double(), exact).to(v.dtype)  # (B, n)
+    a = a.expand_as(v)  # a view: a may broadcast over leading dimensions of v
     t_sorted, order = torch.sort(v / a, dim=-1, descending=True)  # (B, n) breakpoints, descending
     a_s = a.gather(-1, order)  # (B, n)
     s_aa = (a_s * a_s).cumsum(-1)  # (B, n)
@@ -155,18 +158,15 @@ class JacobiSet:
     def take(self, keep: torch.Tensor) -> JacobiSet:
         return JacobiSet(self.a[keep], None if self.cap is None else self.cap[keep], self.uncapped)
 
-    def repeat(self, m: int) -> JacobiSet:
-        """The set of each problem m times in a row (for m candidates of one problem, flattened)."""
-        return JacobiSet(self.a.repeat_interleave(m, 0), None if self.cap is None else self.cap.repeat_interleave(m, 0),
-                    self.uncapped)
-
     def project(self, v: torch.Tensor, exact: bool = True) -> torch.Tensor:
-        """Eq. (5'), (5''); exact=False skips the final Newton step on tau (sum to cumsum round-off)."""
+        """Eq. (5'), (5''); exact=False skips the final Newton step on tau (sum to cumsum round-off).
+        v (A, n), or (A, m, n) for m points of each problem."""
         if self.cap is None:
             return v.clamp_min(0.0)
+        a = self.a if v.ndim == 2 else self.a.unsqueeze(1)  # (A, n) or (A, 1, n)
         if self.uncapped:  # cap u >= 1: z_i <= u / a_i is implied by a^T z = 1, z >= 0
-            return project_weighted_simplex(v, self.a, exact)  # eq. (5'')
-        return project_weighted_capped_simplex(v, self.a, self.h, exact)
+            return project_weighted_simplex(v, a, exact)  # eq. (5'')
+        return project_weighted_capped_simplex(v, a, self.h if v.ndim == 2 else self.h.unsqueeze(1), exact)
 
     def certificate(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
         """Eq. (13): FW gap in w times unit (simplex sets), or relative Jacobi-scaled KKT residual (cone). (B,)"""

@@ -95,9 +95,9 @@ def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None):
         dz = z_new - z  # (A, n)
         restart = ((y - z_new) * dz).sum(-1) > 0  # (A,)
         t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-        momentum = torch.where(restart, torch.zeros_like(t), (t - 1.0) / t_new)  # (A,)
+        momentum = torch.where(restart, 0.0, (t - 1.0) / t_new)  # (A,)
         y = z_new + momentum.unsqueeze(-1) * dz
-        t = torch.where(restart, torch.ones_like(t), t_new)
+        t = torch.where(restart, 1.0, t_new)
         z = z_new
         if record is not None:
             record(z)

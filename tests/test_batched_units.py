@@ -230,3 +230,16 @@ def test_cuda_matches_cpu():
         cpu = project_batched(K, b, c, method, **params)
         gpu = project_batched(K.cuda(), b.cuda(), c.cuda(), method, **params)
         assert torch.allclose(gpu.objective.cpu(), cpu.objective, rtol=1e-9, atol=1e-12)
+
+
+def test_weighted_projections_of_many_points_equal_one_at_a_time():
+    """v (B, m, n) with a, h (B, 1, n), as the long steps of the polish use them, equals m separate calls."""
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(5, 4, 9, generator=g, dtype=torch.float64)
+    a = torch.rand(5, 9, generator=g, dtype=torch.float64) + 0.1
+    h = 0.3 / a
+    many = project_weighted_capped_simplex(v, a.unsqueeze(1), h.unsqueeze(1))
+    many_s = project_weighted_simplex(v, a.unsqueeze(1))
+    for j in range(4):
+        assert torch.equal(many[:, j], project_weighted_capped_simplex(v[:, j], a, h))
+        assert torch.equal(many_s[:, j], project_weighted_simplex(v[:, j], a))
