@@ -185,10 +185,10 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
             zl = cut
         g = Kl.mv(zl) - bl  # (L, n)
         r = g if sl.cap is None else g + mu.unsqueeze(-1) * sl.a  # (L, n) reduced gradient, valid after a full step
-        viol = -dl.unsqueeze(-1) * (1.0 if sl.cap is None else sl.a)  # (L, n) violations in w units: r_i / a_i
-        enter = full.unsqueeze(-1) & ~F & (r < viol)  # (L, n) leave 0 (or the cap, below)
+        floor = dl.unsqueeze(-1) * (1.0 if sl.cap is None else sl.a)  # (L, n) dual_floor in w units (r_i / a_i)
+        enter = full.unsqueeze(-1) & ~F & (r < -floor)  # (L, n) leave 0 (or the cap, below)
         if capped:
-            leave = full.unsqueeze(-1) & upper & (r > -viol)  # (L, n) leave the cap
+            leave = full.unsqueeze(-1) & upper & (r > floor)  # (L, n) leave the cap
             enter = (enter & ~upper) | leave
             upper = (upper & ~leave) | (hit & (zl >= hl))
         F = (F & ~hit) | enter  # the blocking entries leave F (an entry that just entered at 0 and grows stays)
