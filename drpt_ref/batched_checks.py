@@ -53,13 +53,13 @@ def check_batch(K, b, c, validate: str = "cheap"):
     d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
     # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
     # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
-    asym = (K - K.mT).amax((-2, -1))  # (B,)
+    asym_K = (K - K.mT).amax((-2, -1))  # (B,) finite iff K is (the division below may overflow on garbage)
     scale = torch.maximum(d.amax(-1), c.abs()).clamp_min(torch.finfo(K.dtype).tiny)  # (B,)
-    asym = asym / scale  # (B,)
+    asym = asym_K / scale  # (B,)
     tol = PSD_RTOL[K.dtype] * (n + 1)
     minor_b = (b * b - c.unsqueeze(-1) * d).amax(-1) / scale**2  # (B,)
     flags = torch.stack([
-        ~torch.isfinite(asym).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
+        ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
         (asym > SYMMETRY_RTOL[K.dtype]).any(),
         (d.amin(-1) / scale < -tol).any(),
         (c / scale < -tol).any() | (minor_b > tol).any(),

@@ -114,11 +114,11 @@ def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: t
         # + rho I: on the padding the block becomes rho I, decoupled, so the solution is 0 there
         KFF.diagonal(dim1=-2, dim2=-1).add_(rho[idx].unsqueeze(-1))
         chol, info = torch.linalg.cholesky_ex(KFF)  # (Bg, s, s); a failed factor gives NaN, zeroed below
-        rhs = -g[idx].gather(-1, cols) * vf  # (Bg, s)
+        rhs = (-g[idx].gather(-1, cols) * vf).unsqueeze(-1)  # (Bg, s, 1)
         if feasible_set.cap is not None:
-            rhs = torch.stack([rhs, feasible_set.a[idx].gather(-1, cols) * vf], dim=-1)  # (Bg, s, 2)
-        half = torch.linalg.solve_triangular(chol, rhs.view(*rhs.shape[:2], -1), upper=False)  # cholesky_solve
-        sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)  # (Bg, s, 1 or 2); is slow on CPU
+            rhs = torch.cat([rhs, (feasible_set.a[idx].gather(-1, cols) * vf).unsqueeze(-1)], dim=-1)  # (Bg, s, 2)
+        half = torch.linalg.solve_triangular(chol, rhs, upper=False)  # cholesky_solve is slow on CPU
+        sol = torch.linalg.solve_triangular(chol.mT, half, upper=True)  # (Bg, s, 1 or 2)
         step = sol[..., 0]  # (Bg, s)
         mu = torch.zeros_like(step[:, 0])  # (Bg,)
         if feasible_set.cap is not None:  # the multiplier of a^T delta = r_eq, eq. (11b); a_F^T x_2 > 0

@@ -86,12 +86,14 @@ def lambda_max_upper(K_hat: torch.Tensor, normal: torch.Tensor | None = None) ->
     return torch.minimum(STEP_SAFETY * rayleigh, trace).clamp_min(0.0)  # (B,)
 
 
-def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None):
+def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None, exact: bool = True):
     """Eq. (10): `steps` iterations of FISTA with gradient restart, step 1 (scaled problem), in the
-    dtype of Kx. K^ (A, n, n), (A, n), state z, y (A, n), t (A,) -> z, y, t; record(z) after each iteration."""
+    dtype of Kx. K^ (A, n, n), (A, n), state z, y (A, n), t (A,) -> z, y, t; record(z) after each iteration.
+    exact=False (the scout, whose iterate is lifted by an exact projection) skips the Newton step of the
+    projections (sums to cumsum round-off)."""
     for _ in range(steps):
         g = Kx.mv(y) - bx  # (A, n)
-        z_new = fs.project(y - g, exact=False)  # (A, n) FISTA needs no sum to round-off
+        z_new = fs.project(y - g, exact=exact)  # (A, n)
         dz = z_new - z  # (A, n)
         restart = ((y - z_new) * dz).sum(-1) > 0  # (A,)
         t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
@@ -184,7 +186,8 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
         steps = min(first_check if it == 0 else check_every, max_iter - it)
         if it == 0 and scout is not None:  # eq. (10'): the scout iterations on the float32 copy
             state = (z.to(scout), y.to(scout), t.to(scout))
-            z32, _, _ = fista(ScaledGram(K_first, None), bs.to(scout), set_a, *state, steps, record if trace else None)
+            z32, _, _ = fista(ScaledGram(K_first, None), bs.to(scout), set_a, *state, steps, record if trace else None,
+                              exact=False)
             z = set_a.lift(z32, dtype)  # (B, n) feasible in float64, with the scout's face
             y, t = z.clone(), torch.ones_like(t)
         else:

@@ -59,3 +59,12 @@ def make_batch(rng: np.random.Generator, method: str, B: int, n: int) -> Batch:
 def batched_bank(method: str) -> tuple[Batch, ...]:
     rng = np.random.default_rng(2026 + sorted(FAMILIES).index("gaussian") + len(method))
     return tuple(make_batch(rng, method, B, n) for B, n in BATCH_SHAPES)
+
+
+def f32_scale(method: str, problem: Problem, params: dict, ref: float) -> float:
+    """The size of the terms of the program value (theory/batched_solvers.md, section 5): the float32
+    tolerance is F32_RTOL times this (||b||_inf + tau log n for the topk and softmax values)."""
+    if method in ("topk", "softmax"):
+        return np.abs(problem.b).max() + params.get("tau", 0.0) * np.log(problem.n)
+    return abs(ref) + 0.5 * problem.c + 0.5 * np.diag(problem.K).max()
+

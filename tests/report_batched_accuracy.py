@@ -13,24 +13,16 @@ float32 error relative to the scale the float32 test uses. Run from the reposito
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from batched_cases import batched_bank  # noqa: E402
+from batched_cases import batched_bank, f32_scale  # noqa: E402
 from conftest import OBJ_ATOL, OBJ_RTOL  # noqa: E402
 from feasibility import violation  # noqa: E402
 
 from drpt_ref import METHODS, project_batched  # noqa: E402
 from drpt_ref.direction import program_value  # noqa: E402
-
-
-def f32_scale(method, p, params, ref):
-    """The scale of the float32 test in tests/test_batched_vs_cvxpy.py."""
-    if method in ("topk", "softmax"):
-        return np.abs(p.b).max() + params.get("tau", 0.0) * np.log(p.n)
-    return abs(ref) + 0.5 * p.c + 0.5 * np.diag(p.K).max()
 
 
 def worst(method):

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from batched_cases import batched_bank
+from batched_cases import batched_bank, f32_scale
 from conftest import BATCH_SHAPES, F32_RTOL, FEAS_TOL, N_EQUIV_PROBLEMS, obj_tol
 from feasibility import violation
 
@@ -63,10 +63,7 @@ def test_float32_within_stated_tolerance(method):
             alpha, w = float(res.alpha[i]), res.weights[i].double().numpy()
             mine = program_value(p.K, p.b, p.c, method, batch.params[i], alpha, w)
             ref = batch.ref_value[i]
-            if method in ("topk", "softmax"):
-                scale = np.abs(p.b).max() + batch.params[i].get("tau", 0.0) * np.log(p.n)
-            else:
-                scale = abs(ref) + 0.5 * p.c + 0.5 * np.diag(p.K).max()
+            scale = f32_scale(method, p, batch.params[i], ref)
             if not abs(mine - ref) <= F32_RTOL * scale + 1e-30:
                 bad.append((p.family, p.n, mine, ref, scale))
             assert violation(method, batch.params[i], alpha, w) <= 1e-5  # float32 round-off of a sum of n
