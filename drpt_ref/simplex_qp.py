@@ -82,7 +82,9 @@ def solve_on_face(K, b, zero, upper, cap):
 
     eta is the common value of the gradient on the free weights (the multiplier of 1^T w = 1).
     K_FF may be singular (duplicate or dependent samples): least squares returns the minimizer
-    of least norm, and every minimizer of the face gives the same direction G w.
+    of least norm, and every minimizer of the face gives the same direction G w. The system is
+    solved in Jacobi-scaled form (eq. (4')): samples whose gradient norms span decades would
+    otherwise make least squares discard the small ones as noise.
     """
     free = ~(zero | upper)
     nF = int(free.sum())
@@ -95,29 +97,43 @@ def solve_on_face(K, b, zero, upper, cap):
     A[:nF, :nF] = K[np.ix_(free, free)]
     A[:nF, nF] = A[nF, :nF] = 1.0
     rhs = np.concatenate([b[free] - K[np.ix_(free, upper)].sum(axis=1) * cap, [1.0 - upper.sum() * cap]])
-    sol = np.linalg.lstsq(A, rhs, rcond=None)[0]  # (nF+1,)
+    # eq. (4'): x = S y with S = diag(K_ii^(-1/2) on F, sigma) gives S A S y = S rhs, unit diagonal on F
+    d = np.diag(A)[:nF]  # (nF,)
+    a = 1.0 / np.sqrt(np.where(d > 0, d, max(d.max(), 1.0)))  # (nF,) zero columns: any scale
+    S = np.append(a, 1.0 / np.linalg.norm(a))  # (nF+1,) sigma = 1 / ||a||: unit norm border column
+    A_s, rhs_s = S[:, None] * A * S[None, :], S * rhs  # (nF+1, nF+1), (nF+1,)
+    y = np.linalg.lstsq(A_s, rhs_s, rcond=None)[0]  # (nF+1,)
+    sol = S * y  # (nF+1,) back to (w_F, -eta)
     w[free] = sol[:nF]
     # a least-squares solve is backward stable (residual ~ eps); a residual far above that means the
-    # system has no solution. The residual rho then lies in null(A): K_FF rho_F = -rho_nu 1 and
-    # 1^T rho_F = 0, a direction of the face with zero curvature along which f is linear (eq. (9)).
-    rho = rhs - A @ sol  # (nF+1,)
-    size = np.abs(A).max() * np.abs(sol).max() + np.abs(rhs).max()
+    # system has no solution. The residual rho then lies in null(A_s) = S^-1 null(A), so S rho is a
+    # null vector of A: K_FF (S rho)_F = -(S rho)_eta 1 and 1^T (S rho)_F = 0, a direction of the face
+    # with zero curvature along which f is linear (eq. (9)).
+    rho = rhs_s - A_s @ y  # (nF+1,)
+    size = np.abs(A_s).max() * np.abs(y).max() + np.abs(rhs_s).max()
     if np.abs(rho).max() <= 1e-10 * size:
         return w, -sol[nF], None
     null_dir = np.zeros_like(w)
-    null_dir[free] = rho[:nF]
+    null_dir[free] = a * rho[:nF]
     return w, -sol[nF], null_dir
 
 
 def _null_direction_step(r, x, p, free, zero, upper, cap, capped):
-    """Move along a zero-curvature direction p of the face, downhill, until a bound blocks (eq. (9))."""
+    """Move along a zero-curvature direction p of the face, downhill, until a bound blocks (eq. (9)).
+
+    Returns None, and the caller steps toward the least-squares point as usual, when no bound blocks
+    (p is zero on the free weights: the residual lives only in the multiplier row) or when one blocks
+    at length zero (a weight just released, which would be fixed again: a cycle between two faces)."""
     if r @ p > 0:
         p = -p  # f is linear along p: go the way it decreases
     with np.errstate(divide="ignore", invalid="ignore"):
         to_zero = np.where(free & (p < 0), -x / p, np.inf)  # (n,)
         to_cap = np.where(free & (p > 0) & capped, (cap - x) / p, np.inf)  # (n,)
-    i = int(np.argmin(np.minimum(to_zero, to_cap)))
-    x = x + min(to_zero[i], to_cap[i]) * p  # the face is bounded, so some bound blocks
+    ratio = np.minimum(to_zero, to_cap)  # (n,)
+    if not np.isfinite(ratio).any() or ratio.min() <= 0.0:
+        return None  # no bound blocks, or one blocks at once (a weight just released): no move along p
+    i = int(np.argmin(ratio))
+    x = x + ratio[i] * p  # the face is bounded, so some bound blocks
     (zero if to_zero[i] <= to_cap[i] else upper)[i] = True
     x[i] = 0.0 if zero[i] else cap
     return x
@@ -146,8 +162,10 @@ def active_set(K, b, x, cap, max_iter):
         if null_dir is not None:
             # b has a part outside range(K_FF) (e.g. a Gram matrix rounded in float32): f is linear
             # along a null direction of the face, so follow it downhill to a bound, eq. (9)
-            x = _null_direction_step(K @ x - b, x, null_dir, free, zero, upper, cap, capped)
-            continue
+            moved = _null_direction_step(K @ x - b, x, null_dir, free, zero, upper, cap, capped)
+            if moved is not None:
+                x = moved
+                continue
         step = cand - x  # (n,) zero on the fixed weights
         with np.errstate(divide="ignore", invalid="ignore"):
             to_zero = np.where(free & (step < 0), -x / step, np.inf)  # (n,) ratio test at w_i = 0
