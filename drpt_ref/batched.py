@@ -27,6 +27,7 @@ from drpt_ref.batched_polish import bmv
 from drpt_ref.batched_projections import lmo_value, topk_vertex
 from drpt_ref.batched_qp import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_qp
 from drpt_ref.direction import Direction
+from drpt_ref.methods import check_solver_options
 
 # eq. (14): ridge of the subspace Cholesky relative to the Jacobi-scaled K (unit diagonal), removed
 # again by REFINE_STEPS steps of iterative refinement; see theory/batched_solvers.md, section 4.
@@ -79,6 +80,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     polish=False turns off the active-set polish (to study FISTA alone).
     validate: "cheap" (O(B n^2), default) or "full" (the eigenvalue test of check_gram).
     """
+    check_solver_options(max_iter, tol)
     K, b, c = check_batch(K, b, c, validate)
     B, n = b.shape
     p = check_batch_params(method, params, B, n, b)
@@ -117,9 +119,11 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info["program_value"] = lp
         elif method == "softmax":  # eq. (3): w = softmax(b / tau); certificate = entropic duality gap
             tau = p["tau"].unsqueeze(-1)  # (B, 1)
-            w = torch.softmax(b / tau, dim=-1)
+            b_max = b.amax(-1, keepdim=True)  # (B, 1)
+            s = (b - b_max) / tau  # (B, n) shifted: b / tau itself overflows for a tiny tau (then -inf here)
+            w = torch.softmax(s, dim=-1)
             primal = (b * w).sum(-1) - tau.squeeze(-1) * torch.xlogy(w, n * w).sum(-1)
-            dual = tau.squeeze(-1) * (torch.logsumexp(b / tau, dim=-1) - math.log(n))
+            dual = b_max.squeeze(-1) + tau.squeeze(-1) * (torch.logsumexp(s, dim=-1) - math.log(n))
             info["certificate"] = (dual - primal).abs() / (b.abs().amax(-1) + tau.squeeze(-1))
             info["certificate_kind"] = "entropic_duality_gap_relative"
             info["program_value"] = primal

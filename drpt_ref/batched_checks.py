@@ -6,7 +6,7 @@ to the host together, once. The PSD test of `check_gram` needs an eigenvalue per
 (O(B n^3), seconds at B = n = 256), so by default we test the necessary conditions that cost
 O(B n) after the O(B n^2) symmetry and finiteness passes (theory/batched_solvers.md, eq. (15)):
 
-    K_ii >= -tol,  c >= -tol,  b_i^2 <= c K_ii (1 + tol)
+    K_ii >= -tol max K_jj,  c >= -tol max(K_jj, c),  b_i^2 <= c K_ii (1 + tol)
 
 (entries of the joint Gram [[c, b^T], [b, K]] and its 2 x 2 minors through g_T);
 `validate="full"` runs `check_gram`.
@@ -54,15 +54,19 @@ def check_batch(K, b, c, validate: str = "cheap"):
     # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
     # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
     asym_K = (K - K.mT).amax((-2, -1))  # (B,) finite iff K is (the division below may overflow on garbage)
-    scale = torch.maximum(d.amax(-1), c.abs()).clamp_min(torch.finfo(K.dtype).tiny)  # (B,)
+    scale = d.amax(-1).clamp_min(torch.finfo(K.dtype).tiny)  # (B,) the size of K alone, as in check_gram
     asym = asym_K / scale  # (B,)
     tol = PSD_RTOL[K.dtype] * (n + 1)
-    minor_b = (b * b - c.unsqueeze(-1) * d).amax(-1) / scale**2  # (B,)
+    # the 2 x 2 minors through g_T in correlation form, b_i^2 <= c K_ii (1 + tol), in float64 (c K_ii may
+    # over- or underflow in float32); O(B n)
+    b64, c64, d64 = b.double(), c.double().unsqueeze(-1), d.double()  # (B, n), (B, 1), (B, n)
+    cd = c64 * d64.clamp_min(0.0)  # (B, n)
+    minor_b = (b64 * b64 - cd - tol * cd).amax(-1)  # (B,) > 0: a minor is negative
     flags = torch.stack([
         ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
         (asym > SYMMETRY_RTOL[K.dtype]).any(),
         (d.amin(-1) / scale < -tol).any(),
-        (c / scale < -tol).any() | (minor_b > tol).any(),
+        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any(),
         (asym > 0).any(),
     ]).tolist()  # the one host round-trip
     for name, bad in zip("Kbc", flags[:3]):

@@ -65,5 +65,6 @@ def solve_topk(K, b, c, k: int):
 
 def solve_softmax(K, b, c, tau: float):
     """Entropic reweighting: w = softmax(b / tau) maximizes b^T w - tau KL(w || 1/n) (eq. (3) in theory/softmax.md)."""
-    w = np.exp(log_softmax(b / tau))  # (n,) stable for small tau
+    with np.errstate(over="ignore"):  # a tiny tau: (b - max b) / tau is -inf off the maximum, exp gives 0
+        w = np.exp(log_softmax((b - b.max()) / tau))  # (n,) shifted: b / tau itself may overflow
     return 0.0, w, _closed_info()

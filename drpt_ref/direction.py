@@ -127,7 +127,8 @@ def check_gram(K, b, c, batched: bool = False):
 
     Refuses, with the argument named: wrong shapes, n = 0, NaN/inf, K not symmetric, and a joint
     Gram [[c, b^T], [b, K]] of (g_T, G) that is not PSD beyond PSD_RTOL (this catches a K that is
-    not PSD, c < 0, and b that did not come from the same G and g_T).
+    not PSD, c < 0, and b that did not come from the same G and g_T). The PSD tests read the
+    correlation form D^(-1/2) J D^(-1/2), D = diag(J), so they do not depend on the vectors' lengths.
     """
     kind = _kind_of(K)
     dtype = kind[1] if kind[0] == "torch" else (torch.float64 if kind[1] == np.float64 else torch.float32)
@@ -149,7 +150,7 @@ def check_gram(K, b, c, batched: bool = False):
     Kb = K64.reshape(-1, n, n)  # (B, n, n)
     bb = b64.reshape(-1, n)  # (B, n)
     cb = c64.reshape(-1)  # (B,)
-    scale = np.maximum(np.abs(Kb).max(axis=(1, 2)), np.abs(cb))  # (B,)
+    scale = np.abs(Kb).max(axis=(1, 2))  # (B,) the size of K alone: a long or short g_T must not hide K's flaws
     scale = np.where(scale > 0, scale, 1.0)
     asym = np.abs(Kb - Kb.transpose(0, 2, 1)).max(axis=(1, 2)) / scale  # (B,)
     if np.any(asym > SYMMETRY_RTOL[dtype]):
@@ -163,17 +164,32 @@ def check_gram(K, b, c, batched: bool = False):
     J[:, 1:, 0] = bb
     J[:, 1:, 1:] = 0.5 * (Kb + Kb.transpose(0, 2, 1))
     tol = PSD_RTOL[dtype] * (n + 1)
-    eig_K = np.linalg.eigvalsh(J[:, 1:, 1:])[:, 0] / scale  # (B,)
+    D = np.einsum("bii->bi", J)  # (B, n+1): c, K_11, ..., K_nn
+    D_max = D.max(axis=1, keepdims=True)  # (B, 1)
+    K_max = D[:, 1:].max(axis=1)  # (B,) a negative K_ii is judged against K alone, c against all of J
+    bad_K = np.any(D[:, 1:].min(axis=1) < -tol * np.where(K_max > 0, K_max, 1.0))
+    if bad_K:
+        raise ValueError("K is not PSD (a negative diagonal entry); K must be a Gram matrix: compute K = G^T G "
+                         "from the per-sample gradients.")
+    if np.any(D[:, 0] < -tol * np.where(D_max[:, 0] > 0, D_max[:, 0], 1.0)):
+        raise ValueError("b and c do not match K: c = ||g_T||^2 < 0; compute b = G^T g_T and c = ||g_T||^2 "
+                         "from the same G and g_T.")
+    # correlation form C = D^(-1/2) J D^(-1/2) (unit diagonal): round-off of a Gram matrix computed in
+    # the input's precision is ~ n eps in C whatever the lengths of the vectors, while a test scaled by
+    # max |J| lets a very long g_T (or a very long g_i) hide a flaw among the short ones
+    inv = 1.0 / np.sqrt(np.where(D > 0, D, np.where(D_max > 0, D_max, 1.0)))  # (B, n+1) zero vectors: the largest scale
+    C = inv[:, :, None] * J * inv[:, None, :]  # (B, n+1, n+1)
+    eig_K = np.linalg.eigvalsh(C[:, 1:, 1:])[:, 0]  # (B,)
     if np.any(eig_K < -tol):
         raise ValueError(
-            f"K is not PSD (min eigenvalue / max|K| = {eig_K.min():.2e}); K must be a Gram matrix: "
-            "compute K = G^T G from the per-sample gradients."
+            f"K is not PSD (min eigenvalue of its correlation form = {eig_K.min():.2e}); K must be a Gram "
+            "matrix: compute K = G^T G from the per-sample gradients."
         )
-    eig_J = np.linalg.eigvalsh(J)[:, 0] / scale  # (B,)
+    eig_J = np.linalg.eigvalsh(C)[:, 0]  # (B,)
     if np.any(eig_J < -tol):
         raise ValueError(
-            f"b and c do not match K: the joint Gram [[c, b^T], [b, K]] of (g_T, G) has min eigenvalue / scale "
-            f"= {eig_J.min():.2e} < 0; compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T."
+            f"b and c do not match K: the joint Gram [[c, b^T], [b, K]] of (g_T, G) has min eigenvalue of its "
+            f"correlation form = {eig_J.min():.2e} < 0; compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T."
         )
     return 0.5 * (K64 + np.swapaxes(K64, -1, -2)), b64, c64, kind
 

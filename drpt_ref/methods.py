@@ -91,6 +91,15 @@ def check_scalar_param(method: str, name: str, value, n: int) -> float | int:
     return value
 
 
+def check_solver_options(max_iter, tol) -> None:
+    """Refuse a bad iteration limit or tolerance (None keeps the solver's default)."""
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, Integral) or max_iter < 1):
+        raise ValueError(f"max_iter={max_iter!r} must be an integer >= 1 (or None for the solver's default).")
+    if tol is not None and (not _is_real(tol) or not math.isfinite(float(tol)) or float(tol) < 0.0):
+        raise ValueError(f"tol={tol!r} must be a finite real number >= 0 (or None for the solver's default; "
+                         "0 runs to max_iter unless the certificate is exactly 0).")
+
+
 def fill_params(method: str, params: dict) -> dict:
     """The parameters of `method` with defaults filled; refuses unknown and missing ones (values unchecked)."""
     check_method(method)

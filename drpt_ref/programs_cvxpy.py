@@ -24,6 +24,8 @@ Shapes: K (n, n), b (n,), c scalar; variables w (n,), alpha scalar.
 
 from __future__ import annotations
 
+import warnings
+
 import cvxpy as cp
 import numpy as np
 
@@ -46,8 +48,12 @@ def cvxpy_program(K, b, c, method: str, **params) -> cp.Problem:
     have a variable "alpha". Accepts numpy arrays or torch tensors; the program is in float64.
     """
     K, b, c, _ = check_gram(K, b, c)
+    return _program(K, b, c, method, check_params(method, params, K.shape[0]))
+
+
+def _program(K, b, c, method: str, params: dict) -> cp.Problem:
+    """`cvxpy_program` on checked float64 data (K, b, c) and checked params."""
     n = K.shape[0]
-    params = check_params(method, params, n)
     # Clarabel's absolute tolerances assume data of order one: when every vector is shorter than 1 (small
     # gradients), lengths are measured in units of s, the longest of (g_T, g_1..g_n). The minimizer is
     # unchanged (values scale by 1/s^2). Longer vectors are left as they are: scaling a problem whose
@@ -100,17 +106,25 @@ def cvxpy_program(K, b, c, method: str, **params) -> cp.Problem:
 
 def solve_cvxpy(K, b, c, method: str, **params):
     """Solve `cvxpy_program` with Clarabel; return (alpha, w, info) in float64 numpy."""
-    K64, b64, c64, _ = check_gram(K, b, c)
+    K64, b64, c64, _ = check_gram(K, b, c)  # with the tolerances of the input's dtype
     params = check_params(method, params, K64.shape[0])
-    problem = cvxpy_program(K64, b64, c64, method, **params)
-    for tol in CLARABEL_TOLERANCES:
+    problem = _program(K64, b64, c64, method, params)  # K64 passed the checks: not again in float64
+    for tol in CLARABEL_TOLERANCES:  # cvxpy's "may be inaccurate" warnings count only for the last attempt
         opts = {} if tol is None else dict(tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol, max_iter=400)
-        try:
-            problem.solve(solver=cp.CLARABEL, **opts)
-        except cp.error.SolverError:  # a stalled solve at this tolerance: try the next
-            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                problem.solve(solver=cp.CLARABEL, **opts)
+            except cp.error.SolverError:  # a stalled solve at this tolerance: try the next
+                continue
         if problem.status == cp.OPTIMAL:
             break
+    if problem.status != cp.OPTIMAL:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if problem.variables()[0].value is None:
+        raise RuntimeError(f"cvxpy/Clarabel found no solution for method {method!r} (status {problem.status}); "
+                           "compare with solver='exact'.")
     variables = {v.name(): v for v in problem.variables()}
     w = np.asarray(variables["w"].value, dtype=np.float64).reshape(-1)  # (n,)
     alpha = float(variables["alpha"].value) if "alpha" in variables else 0.0

@@ -21,7 +21,7 @@ Frank-Wolfe gap (eq. (5)) falls below its round-off floor (eq. (8)),
     gap(w) = grad f(w)^T (w - s),   s = argmin_{v in W} grad f(w)^T v     >=  f(w) - f*;
 
 the solver reports converged only if, in addition, the gap is below tol * scale,
-scale = max_i K_ii + c (the squared length of the longest vector involved).
+scale = max(max_i K_ii, c) (the squared length of the longest vector involved).
 
 Shapes: K (n, n), b (n,), v (n,) -> w (n,).
 """
@@ -221,7 +221,7 @@ def solve_capped_simplex_qp(K, b, c, cap: float, max_iter: int | None = None, to
         # converged: the KKT conditions hold up to round-off, and the gap certifies it
         "converged": bool(kkt_reached and gap <= target_gap),
         "iterations": it + as_iter,
-        "certificate": max(gap, 0.0) / scale,  # relative Frank-Wolfe gap, gap / (max K_ii + c)
+        "certificate": max(gap, 0.0) / scale,  # relative Frank-Wolfe gap, gap / max(max K_ii, c)
         "certificate_kind": "frank_wolfe_gap",
         "fista_iterations": it,
         "active_set_iterations": as_iter,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import obj_tol
 
-from drpt_ref import METHODS, cvxpy_program, project
+from drpt_ref import METHODS, cvxpy_program, project, project_batched
 from drpt_ref.instances import random_params, random_problem
 
 
@@ -176,3 +176,71 @@ def test_float32_gram_is_accepted():
     got = project(torch.from_numpy(G.T @ G), torch.from_numpy(G.T @ g), torch.tensor(float(g @ g)), "simplex")
     assert float(got.objective) == pytest.approx(0.0, abs=1e-3 * float(g @ g))
     assert obj_tol(0.0) > 0
+
+
+@pytest.mark.parametrize(
+    "K, b, c, match",
+    [  # a very long or very short g_T must not hide a flaw of K or of b (the PSD tests are scale free)
+        (np.diag([1.0, -1.0]).astype(np.float32), np.zeros(2, np.float32), np.float32(1000.0), "K is not PSD"),
+        (np.array([[1e6]]), np.array([2.0]), 1e-6, "b and c do not match K"),  # cosine(g_T, g_1) = 2
+        (np.array([[1e-6]]), np.array([2e-3]), 1.0, "b and c do not match K"),  # the same, scaled the other way
+    ],
+)
+def test_psd_checks_do_not_depend_on_the_lengths_of_the_vectors(K, b, c, match):
+    with pytest.raises(ValueError, match=match):
+        project(K, b, c, "cone")
+    with pytest.raises(ValueError, match=match):
+        project(K, b, c, "cone", solver="cvxpy")
+    Kt, bt, ct = torch.as_tensor(K)[None], torch.as_tensor(b)[None], torch.as_tensor(np.asarray(c))[None]
+    with pytest.raises(ValueError, match=match):
+        project_batched(Kt, bt, ct, "cone", validate="full")
+    if match.startswith("b and c"):  # a 2 x 2 minor through g_T: the cheap batched check sees it too
+        with pytest.raises(ValueError, match=match):
+            project_batched(Kt, bt, ct, "cone")
+
+
+def test_float32_gram_of_dependent_samples_is_accepted_by_both_solvers():
+    """A float32 Gram with p < n is PSD only to float32 round-off: both solvers take it with the
+    float32 tolerances (the cvxpy path used to re-check the float64 copy with float64 ones)."""
+    gen = torch.Generator().manual_seed(0)
+    G, g_T = torch.randn(5, 20, generator=gen), torch.randn(5, generator=gen)  # (p, n) float32, rank 5
+    K, b, c = G.T @ G, G.T @ g_T, g_T @ g_T
+    exact = project(K, b, c, "simplex")
+    ref = project(K, b, c, "simplex", solver="cvxpy")
+    assert exact.weights.dtype == ref.weights.dtype == torch.float32
+    assert abs(exact.info["program_value"] - ref.info["program_value"]) <= 1e-5 * float(c)
+
+
+def test_softmax_with_a_tiny_tau_is_top1_not_nan():
+    K, b, c = np.eye(3), np.array([1.0, 0.5, -0.2]), 2.0
+    d = project(K, b, c, "softmax", tau=1e-310)  # b / tau overflows; the shifted form does not
+    assert np.array_equal(d.weights, [1.0, 0.0, 0.0]) and d.info["converged"]
+    batched = project_batched(torch.tensor(K)[None], torch.tensor(b)[None], torch.tensor([c]), "softmax", tau=1e-310)
+    assert torch.equal(batched.weights[0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.isfinite(batched.info["certificate"]).all()
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(max_iter=-5), "max_iter=-5 must be an integer >= 1"), (dict(max_iter=2.5), "max_iter=2.5"),
+    (dict(max_iter=True), "max_iter=True"), (dict(tol=-1.0), "tol=-1.0 must be a finite real number >= 0"),
+    (dict(tol=float("nan")), "tol=nan"), (dict(tol="a"), "tol='a'"),
+])
+def test_bad_solver_options_are_named(options, match):
+    K, b, c = _ok()
+    with pytest.raises(ValueError, match=match):
+        project(K, b, c, "simplex", **options)
+    with pytest.raises(ValueError, match=match):
+        project_batched(torch.tensor(K)[None], torch.tensor(b)[None], torch.tensor([c]), "simplex", **options)
+
+
+def test_cvxpy_reference_is_quiet_when_its_final_solve_is_optimal():
+    """The tighter first attempts may stall ("may be inaccurate"); only the attempt that counts may warn."""
+    import warnings
+
+    from drpt_ref import solve_cvxpy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, info = solve_cvxpy(np.ones((1, 1)), np.ones(1), 1.0, "softmax", tau=1.0)  # n = 1
+    assert info["status"] == "optimal"
+    assert not [w for w in caught if "inaccurate" in str(w.message)], [str(w.message) for w in caught]
