@@ -65,6 +65,8 @@ class AdaptConfig:
                 raise ValueError(f"{name}={value!r} must be one of {allowed}")
         if self.w_max <= 0:
             raise ValueError(f"w_max must be > 0, got {self.w_max}")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise ValueError(f"ramp must lie in [0, 1] (1: weights ∝ t, 0: plain mean), got {self.ramp}")
 
 
 def adapt_features(hidden: torch.Tensor, batch: RowBatch, cfg: AdaptConfig) -> torch.Tensor:

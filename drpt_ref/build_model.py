@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from drpt_ref.cli import parse_bool
+from drpt_ref.cli import field_comments, parse_bool
 from drpt_ref.evaluate import answer_nll, evaluate_tasks, format_table
 from drpt_ref.tasks import general_pool, get_task, parse_weights
 from drpt_ref.tokenizer import build_tokenizer, encode_sft, save_tokenizer
@@ -245,11 +245,12 @@ Same seed and thread count on the same kind of machine gives the same weights.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per BuildConfig field, spelled with hyphens like every other command (--n-layer); the
     underscore spelling (--n_layer) of earlier model cards is kept as an alias."""
+    comments = field_comments(BuildConfig)
     for f in dataclasses.fields(BuildConfig):
         kind = parse_bool if f.type in (bool, "bool") else type(f.default)
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
         parser.add_argument(*flags, dest=f.name, type=kind, default=None,
-                            help=f"default {f.default!r} (or the preset's value)")
+                            help=f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's value)")
 
 
 def run(args) -> int:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 
 # command -> (module, one-line help). Add a line here when a new job gets a command.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,6 +37,38 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment after each field of a config dataclass, `name: type = default  # comment`, read from
+    its source: the comments are the documentation of the defaults, so `--help` shows them verbatim."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and row not in line_field and tok.start[1] == 4:
+            line_field[row] = tok.string  # a field name starts a line of the class body
+        elif tok.type == tokenize.COMMENT and row in line_field:
+            comments[line_field[row]] = tok.string.lstrip("# ").strip()
+    return comments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, choices: dict | None = None) -> None:
+    """One --flag-name per field of the config dataclass `cls`, typed by the field, its help the field's
+    comment and its default; `choices` (field -> allowed values) lets argparse refuse a bad name."""
+    import dataclasses
+
+    comments, choices = field_comments(cls), choices or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, type=parse_bool, nargs="?", const=True, default=f.default,
+                                metavar="BOOL", help=text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=text,
+                                choices=choices.get(f.name))
 
 
 def write_output(path: str, text: str) -> None:
@@ -64,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"drpt {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(rest)) or 0)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the flag and the fix
+        sub.error(str(err))  # prints usage and the message, exits 2 (no traceback)
 
 
 if __name__ == "__main__":

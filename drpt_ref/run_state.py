@@ -1,14 +1,16 @@
 """Checkpoints and metrics of a training run: safetensors state, JSON-lines metrics, exact resume.
 
 A run directory holds
-    config.json               the TrainConfig of the run (a resumed run must match it)
+    config.json               the TrainConfig of the run (a resumed run must match it, RESUME_FREE aside)
     metrics.jsonl             one JSON object per logged step
     checkpoint.safetensors    model parameters and optimizer state tensors, at the last checkpoint
     checkpoint.json           the step of that checkpoint and the optimizer's non-tensor state
 
 Resume is bitwise: every random draw of a step is seeded from (seed, step) (see `step_generator`),
 so the checkpoint needs no global RNG state; the metrics file is cut back to the checkpoint's
-step so the resumed run appends exactly what the uninterrupted one would have written.
+step so the resumed run appends exactly what the uninterrupted one would have written (an evaluation
+logged only because a shorter run ended at that step is dropped). A new run in a folder that holds an
+old one first removes the old checkpoint (`start_fresh`), so --resume never mixes two runs.
 Loading uses safetensors only (no pickle).
 
 Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
@@ -62,11 +64,8 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
 
 def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore parameters and optimizer state in place; return the step the checkpoint was taken after."""
-    meta_path = os.path.join(run_dir, CKPT_META)
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} ({CKPT_META} missing); "
-                                "start without --resume.")
-    with open(meta_path) as f:
+    checkpoint_step(run_dir)  # a clear error when there is none
+    with open(os.path.join(run_dir, CKPT_META)) as f:
         meta = json.load(f)
     tensors = load_file(os.path.join(run_dir, CKPT_TENSORS))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -86,16 +85,51 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
     return int(meta["step"])
 
 
+# config fields that may differ on --resume: they do not change what the run computes (steps may grow)
+RESUME_FREE = ("resume", "steps", "progress", "out")
+
+
+def checkpoint_step(run_dir: str) -> int:
+    """The step of the checkpoint in run_dir (FileNotFoundError with the fix when there is none)."""
+    meta_path = os.path.join(run_dir, CKPT_META)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} ({CKPT_META} missing); "
+                                "start without --resume.")
+    with open(meta_path) as f:
+        return int(json.load(f)["step"])
+
+
+def start_fresh(run_dir: str, stale: tuple[str, ...]) -> list[str]:
+    """A new run in an existing folder: remove the previous run's checkpoint and the given extra files
+    or folders, so a later --resume can never continue from another run's weights. Returns what went."""
+    import shutil
+
+    removed = []
+    for name in (CKPT_TENSORS, CKPT_META, *stale):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def write_config(run_dir: str, config: dict, resume: bool) -> None:
-    """Store the config; on resume, refuse a config that differs from the stored one."""
+    """Store the config; on resume, refuse a config that differs from the stored one (RESUME_FREE aside;
+    the model is compared by its resolved path)."""
     path = os.path.join(run_dir, CONFIG)
     if resume and os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        diff = {k: (stored.get(k), v) for k, v in config.items() if k not in ("resume", "steps") and stored.get(k) != v}
+        same = lambda k, a, b: os.path.realpath(a) == os.path.realpath(b) if k == "model" else a == b  # noqa: E731
+        diff = {k: (stored.get(k), v) for k, v in config.items()
+                if k not in RESUME_FREE and not same(k, stored.get(k), v)}
         if diff:
             raise ValueError(f"--resume with a different config than the run in {run_dir!r}: {diff}; "
-                             "use the same flags (only --steps may change) or a new --out.")
+                             "use the same flags (only --steps and --progress may change) or a new --out.")
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -112,6 +146,16 @@ class MetricsLog:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
+
+    def drop_keys(self, step: int, keys: tuple[str, ...]) -> None:
+        """Remove keys from the record of `step` (an evaluation logged only because a shorter run ended there)."""
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(self.path, "w") as f:
+            for rec in records:
+                if rec["step"] == step:
+                    rec = {k: v for k, v in rec.items() if k not in keys}
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from drpt_ref.cli import add_config_arguments
 from drpt_ref.instances import FAMILIES, random_problem
 from drpt_ref.methods import METHODS
 from drpt_ref.project import project
@@ -112,10 +113,7 @@ def nesting_holds(rows: list[dict], cfg: SpectrumConfig) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, default in SpectrumConfig().__dict__.items():
-        kwargs = {"choices": FAMILIES} if name == "family" else {}
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, **kwargs,
-                            help=f"(default: {default})")
+    add_config_arguments(parser, SpectrumConfig, {"family": FAMILIES})
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the objective along each knob")
 
 

@@ -37,20 +37,29 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import dr_step as dr
-from drpt_ref.cli import parse_bool
+from drpt_ref.cli import add_config_arguments
 from drpt_ref.evaluate import evaluate_task
 from drpt_ref.hpt import HPTLoss, hpt_batch
 from drpt_ref.loss_dpo import DPOLoss
 from drpt_ref.loss_grpo import GRPOLoss
 from drpt_ref.loss_sft import SFTLoss
 from drpt_ref.rules import RuleEnv, check_method_config, make_rule
-from drpt_ref.run_state import MetricsLog, load_checkpoint, save_checkpoint, step_generator, write_config
+from drpt_ref.run_state import (
+    MetricsLog,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    start_fresh,
+    step_generator,
+    write_config,
+)
 from drpt_ref.tasks import TARGET
 from drpt_ref.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
 from drpt_ref.unit_batch import token_logprobs
 
 PARADIGMS = ("sft", "dpo", "grpo", "hpt")
 RULE_STATE = "rule_state.json"
+EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial")  # the held-out evaluation of a metrics record
 
 
 @dataclass
@@ -113,14 +122,36 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
     check_method_config(cfg)  # the method name and its rule's parameters
     dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=cfg.method not in dr.METHODS)
-    if cfg.paradigm == "hpt" and cfg.kl_coef:
-        raise ValueError("kl_coef must be 0 for paradigm 'hpt' (HPT's loss has no KL term).")
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
     if cfg.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype={cfg.dtype!r} must be 'float32' or 'float64'.")
-    if cfg.steps < 1 or cfg.n_general < 1 or cfg.m_target < 1:
-        raise ValueError("steps, n_general and m_target must be >= 1.")
+    positive_ints = ("steps", "n_general", "m_target", "target_size", "pool_size", "sketch_dim", "eval_every",
+                     "eval_n", "checkpoint_every", "max_new_tokens")
+    for name in positive_ints:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}.")
+    if cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size:
+        raise ValueError("--m-target must be <= --target-size and --n-general <= --pool-size (units are drawn "
+                         "without replacement).")
+    if cfg.paradigm in ("grpo", "hpt") and cfg.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
+                         "advantage is 0 and nothing trains).")
+    checks = [("lr", cfg.lr > 0, "> 0"), ("weight-decay", cfg.weight_decay >= 0, ">= 0"),
+              ("k", cfg.k >= 1, ">= 1 (units selected; it is clipped to n at each step)"),
+              ("tau-rel", cfg.tau_rel > 0, "> 0"), ("ridge-rel", cfg.ridge_rel >= 0, ">= 0"),
+              ("radius-rel", cfg.radius_rel >= 0, ">= 0"), ("lam", 0 <= cfg.lam <= 1, "in [0, 1]"),
+              ("beta", cfg.beta > 0, "> 0"), ("temperature", cfg.temperature > 0, "> 0"),
+              ("clip-eps", cfg.clip_eps >= 0, ">= 0"), ("kl-coef", cfg.kl_coef >= 0, ">= 0")]
+    for flag, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"--{flag} must be {rule}, got {getattr(cfg, flag.replace('-', '_'))}.")
+    if cfg.kl_coef and cfg.paradigm != "grpo":
+        raise ValueError(f"--kl-coef is a GRPO term; paradigm {cfg.paradigm!r} would ignore it: leave it at 0.")
+    if cfg.weight_decay and cfg.optimizer != "adamw":
+        raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA device; use --device cpu.")
     if not os.path.isdir(cfg.model):
         raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` or pass a path.")
 
@@ -198,6 +229,16 @@ def save_rule_state(run_dir: str, rule) -> None:
 def train(cfg: TrainConfig) -> str:
     """Run (or resume) the training; return the run directory."""
     check_config(cfg)
+    if cfg.resume:  # before anything is written: a missing checkpoint or too few --steps change nothing
+        done = checkpoint_step(cfg.out)
+        if cfg.steps < done:
+            raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({done}); "
+                             f"resume with --steps >= {done}.")
+    elif os.path.isdir(cfg.out):
+        removed = start_fresh(cfg.out, (RULE_STATE, "final"))
+        if removed:
+            print(f"new run in {cfg.out}: removed the previous run's {', '.join(removed)} "
+                  "(--resume continues a run instead)")
     os.makedirs(cfg.out, exist_ok=True)
     write_config(cfg.out, dataclasses.asdict(cfg), cfg.resume)
     torch.manual_seed(cfg.seed)
@@ -212,6 +253,8 @@ def train(cfg: TrainConfig) -> str:
     optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
     start = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else 0
     log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
+    if cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps:  # evaluated only because a run ended there
+        log.drop_keys(start, EVAL_KEYS)
     # ---- data ------------------------------------------------------------------------------------------------
     target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
                                  cfg.pool_size, cfg.seed)
@@ -245,14 +288,11 @@ def train(cfg: TrainConfig) -> str:
 # ---- command line ---------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, type=parse_bool, nargs="?", const=True, default=f.default,
-                                help=f"(default: {f.default})")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default: {f.default})")
+    from drpt_ref.rules import ALL_METHODS
+
+    choices = {"paradigm": PARADIGMS, "method": ALL_METHODS, "solver": dr.SOLVERS, "gram": dr.GRAMS,
+               "optimizer": ("adamw", "sgd"), "dtype": ("float32", "float64"), "reward": ("exact", "partial")}
+    add_config_arguments(parser, TrainConfig, choices)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -85,3 +85,73 @@ def test_cli_train_help_and_unknown_flag(capsys):
     assert "--per-layer" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--no-such-flag", "1"])
+
+
+def test_a_new_run_in_an_old_folder_cannot_resume_the_old_weights(tiny_path, tmp_path, monkeypatch):
+    """Run A leaves a checkpoint; run B (fresh, same --out) is interrupted before its first checkpoint; a
+    --resume then refuses, instead of continuing A's weights under B's config."""
+    import drpt_ref.train as train_module
+
+    out = tmp_path / "shared"
+    train(_cfg(tiny_path, out, method="mean", steps=2, checkpoint_every=2, eval_every=2))
+    assert os.path.exists(out / "checkpoint.json") and os.path.isdir(out / "final")
+    fresh = _cfg(tiny_path, out, method="simplex", steps=3, checkpoint_every=3, eval_every=3)
+    with pytest.raises(ValueError, match="--lr must be > 0"):  # bad flags are refused before the folder is touched
+        train(dataclasses.replace(fresh, lr=-1.0))
+    assert os.path.exists(out / "checkpoint.json")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh)
+    monkeypatch.undo()
+    assert not os.path.exists(out / "checkpoint.json") and not os.path.exists(out / "final")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(dataclasses.replace(fresh, resume=True))
+
+
+def test_resume_accepts_harmless_changes_and_refuses_fewer_steps(tiny_path, tmp_path):
+    cfg = _cfg(tiny_path, tmp_path / "r2", steps=3, checkpoint_every=3, eval_every=2)
+    train(cfg)
+    first = read_metrics(cfg.out)
+    assert "eval_accuracy" in first[2]  # step 3 was evaluated because the run ended there
+    with pytest.raises(ValueError, match="--steps 1 is below the step of the checkpoint"):
+        train(dataclasses.replace(cfg, steps=1, resume=True))
+    moved_model = os.path.join(os.path.dirname(tiny_path), ".", os.path.basename(tiny_path))
+    train(dataclasses.replace(cfg, steps=4, resume=True, progress=True, model=moved_model, out=str(cfg.out) + "/"))
+    straight = _cfg(tiny_path, tmp_path / "r2straight", steps=4, checkpoint_every=3, eval_every=2)
+    train(straight)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(cfg.out)) == strip(read_metrics(straight.out))  # no stale evaluation at step 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-every", "0"], "--eval-every must be >= 1"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--paradigm", "grpo", "--group-size", "1"], "--group-size must be >= 2"),
+    (["--paradigm", "grpo", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--method", "softmax", "--tau-rel", "-1"], "--tau-rel must be > 0"), (["--k", "-3"], "--k must be >= 1"),
+    (["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay is AdamW"),
+    (["--kl-coef", "0.5"], "--kl-coef is a GRPO term"), (["--method", "adapt", "--adapt-ramp", "5"], "ramp must lie"),
+    (["--method", "nope"], "invalid choice"),
+])
+def test_cli_refuses_bad_values_with_the_flag_named(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "never"), "--progress", "false", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_cli_train_help_explains_every_flag(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        entry = text.split(flag + " ")[-1].split("(default:")[0]  # the help entry (usage mentions come first)
+        words = re.sub(r"\{[^}]*\}|\[BOOL\]", " ", entry).replace(field.name.upper(), " ").split()  # metavar aside
+        assert len(words) >= 2, (flag, entry)
