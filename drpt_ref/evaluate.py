@@ -131,19 +131,26 @@ def load(path: str, device: str = "cpu"):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small_models/gpt2-tiny", help="a local model folder")
+    parser.add_argument("--model", default="small_models/gpt2-tiny", help="a local model folder (default: small_models/gpt2-tiny)")
     parser.add_argument("--task", default="all",
-                        help="a task name, 'a,b', a group (target/helpful/unrelated/misaligned), or 'all'")
-    parser.add_argument("--n", type=int, default=500, help="held-out prompts per task (the card uses 500)")
-    parser.add_argument("--seed", type=int, default=0, help="which held-out prompts are drawn")
-    parser.add_argument("--split", default="eval", help="'eval' (held out) or 'train'")
-    parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
-    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+                        help="a task name, 'a,b', a group (target/helpful/unrelated/misaligned), or 'all' (default)")
+    parser.add_argument("--n", type=int, default=500, help="held-out prompts per task (default: 500, as the card)")
+    parser.add_argument("--seed", type=int, default=0, help="which held-out prompts are drawn (default: 0)")
+    parser.add_argument("--split", default="eval", help="'eval' (held out, the default) or 'train'")
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch (default: 256)")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--json", default="", help="also write the rows to this file")
 
 
 def run(args) -> int:
+    for flag in ("n", "batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+    if args.split not in ("eval", "train"):
+        raise ValueError(f"--split {args.split!r} must be 'eval' (held out) or 'train'.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device; use --device cpu.")
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device)
     rows = evaluate_tasks(model, tok, args.task, args.n, args.seed, args.split, args.batch_size)

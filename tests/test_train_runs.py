@@ -155,3 +155,12 @@ def test_cli_train_help_explains_every_flag(capsys):
         entry = text.split(flag + " ")[-1].split("(default:")[0]  # the help entry (usage mentions come first)
         words = re.sub(r"\{[^}]*\}|\[BOOL\]", " ", entry).replace(field.name.upper(), " ").split()  # metavar aside
         assert len(words) >= 2, (flag, entry)
+
+
+@pytest.mark.parametrize("flags, message", [(["--n", "0"], "--n must be >= 1"),
+                                            (["--batch-size", "0"], "--batch-size must be >= 1"),
+                                            (["--split", "test"], "--split 'test'")])
+def test_cli_eval_refuses_bad_values_with_the_flag_named(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
