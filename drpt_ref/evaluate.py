@@ -131,7 +131,8 @@ def load(path: str, device: str = "cpu"):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small_models/gpt2-tiny", help="a local model folder (default: small_models/gpt2-tiny)")
+    parser.add_argument("--model", default="small_models/gpt2-tiny",
+                        help="a local model folder (default: small_models/gpt2-tiny)")
     parser.add_argument("--task", default="all",
                         help="a task name, 'a,b', a group (target/helpful/unrelated/misaligned), or 'all' (default)")
     parser.add_argument("--n", type=int, default=500, help="held-out prompts per task (default: 500, as the card)")
