@@ -7,7 +7,8 @@ hopeless on the target, which is the starting point the post-training experiment
 room to improve and GRPO gets non-zero reward from the first step.
 
     drpt build-model                                  # the shipped checkpoint (CPU, a few minutes)
-    drpt build-model --config large --device cuda     # 6 layers x 256 for GPU reproductions
+    drpt build-model --config large --device cuda     # 6 layers x 256 for GPU reproductions: writes
+                                                      # small_models/gpt2-large-repro, the model of `reproduce --full`
     drpt build-model --steps 40 --out /tmp/m          # any field of BuildConfig is a --key value
 
 Deterministic: seeds python and torch, deterministic torch algorithms, a fixed thread count;
@@ -44,7 +45,7 @@ DEFAULT_MIX = "add2:1,carry:0.5,copy:1,reverse:1,sort:1,add3_rev:0.8,add3_noisy:
 
 @dataclass
 class BuildConfig:
-    config: str = "tiny"  # preset: 'tiny' (the shipped CPU model) or 'large' (6 x 256, for GPUs)
+    config: str = "tiny"  # preset: 'tiny' (the shipped CPU model) or 'large' (6 x 256 for GPUs, into gpt2-large-repro)
     n_layer: int = 3  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # width of the residual stream
@@ -65,10 +66,13 @@ class BuildConfig:
     progress: bool = True  # show the tqdm bar
 
 
+# Where the 'large' preset writes its model, and where `drpt reproduce --full` reads it (one name for both).
+LARGE_MODEL = "small_models/gpt2-large-repro"
+
 PRESETS = {  # fields a preset changes; explicit --key value overrides still win
     "tiny": {},
     "large": {"n_layer": 6, "n_head": 8, "n_embd": 256, "steps": 10000, "batch_size": 128, "lr": 1e-3,
-              "out": "small_models/gpt2-large-repro"},
+              "out": LARGE_MODEL},
 }
 
 

@@ -13,6 +13,12 @@ instance and the rows. A unit is one prompt with G rows either way: an RL unit h
 completions, an SFT unit the demonstration G times (the token mean over G identical rows equals
 the demonstration's token-mean NLL gradient, so this only costs compute, and keeps units uniform).
 
+The value of a unit loss (what `drpt train` logs, averaged over units, as loss_general / loss_target):
+sft_coef * the demonstration's token-mean NLL for an SFT unit (the sft instance reports the NLL, not its
+surrogate's constant -1: unified_pg.py, eq. (6') of theory/unified_view.md); for an RL unit the GRPO
+surrogate as in the grpo paradigm (on-policy: minus the token mean of the advantages, not a likelihood).
+The gradient is the estimator's either way; only the reported value was chosen.
+
 Deviations from the official code (all documented in theory/unified_view.md, section 4): each prompt
 weighs the same (token mean within a unit, mean over units) where the official loss sums GRPO's
 (sum of tokens / max length) over RL rows and adds sft_coef * token-mean NLL over SFT rows; the
@@ -67,7 +73,10 @@ def hpt_batch(tok, model, prompts, group_size: int, generator: torch.Generator, 
 
 
 class HPTLoss:
-    """Per HPT unit: sft_coef * sft instance if the unit is SFT, else the RL instance. -> (U,)"""
+    """Per HPT unit: sft_coef * sft instance if the unit is SFT, else the RL instance. -> (U,)
+
+    Value: sft_coef * token-mean NLL of the demonstration (SFT units), the GRPO surrogate (RL units).
+    """
 
     def __init__(self, group_size: int, sft_coef: float = 1.0, clip_eps: float | None = None,
                  std_normalize: bool = False):

@@ -1,14 +1,19 @@
 """`drpt reproduce`: the paper's claims in miniature, every method on every paradigm over several seeds.
 
     drpt reproduce --quick --out results/reproduce_quick     # the README's main job: < 20 min on a 2-core CPU
-    drpt reproduce --full --device cuda --out results/full   # larger GPT-2 config, more steps and seeds
+    drpt reproduce --full --device cuda --out results/full   # more steps and seeds, on the larger GPT-2
+                                                             # small_models/gpt2-large-repro (build_model.LARGE_MODEL,
+                                                             # built by `drpt build-model --config large`)
 
 The plan (`plan`) is a list of runs of `drpt train`: for SFT, DPO and GRPO, the Dr family globally
 (target, mean, mix, ball, topk, capped_simplex, simplex, softmax, cone, subspace) and per layer, the
 selection baselines (random, less, rds) and ADAPT (adapt, adapt_softmax); HPT on its own paradigm;
 and the spectrum sweeps (k, tau, ridge, radius) between target-only and standard training. Each run
 writes its own directory; a finished run is skipped and an interrupted one resumed, so the whole
-command resumes after an interruption. Runs go to `workers` processes, one torch thread each.
+command resumes after an interruption. A run is reused only if it was made with the same settings
+(`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly);
+a run directory left by other settings (other --steps, --model, ...) is removed and the run trained
+again, with a log line saying so. Runs go to `workers` processes, one torch thread each.
 
 Every run ends with the held-out target evaluation of `drpt train` (greedy exact match and answer
 loss on the target task's eval split) and a general-task retention check (accuracy on the helpful
@@ -23,14 +28,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from drpt_ref.build_model import LARGE_MODEL
 from drpt_ref.cli import parse_bool
+
+log = logging.getLogger(__name__)
 
 DR_METHODS = ("target", "mean", "mix", "ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")
 PER_LAYER = ("ball", "topk", "capped_simplex", "simplex", "softmax", "cone", "subspace")  # endpoints: same either way
@@ -57,12 +67,15 @@ class ReproduceConfig:
     m_target: int = 4  # target units per step
     eval_n: int = 100  # held-out target prompts per evaluation
     retention_n: int = 60  # held-out prompts per helpful task for the retention check
-    model: str = "small_models/gpt2-tiny"  # the starting model (full: a larger config built with build-model)
+    model: str = "small_models/gpt2-tiny"  # the starting model (full: LARGE_MODEL, `drpt build-model --config large`)
     progress: bool = True  # a progress bar over runs
 
 
 FULL = dict(seeds=5, steps=300, eval_n=500, retention_n=300, n_general=32, m_target=8, workers=1,
-            model="small_models/gpt2-large-cfg")
+            model=LARGE_MODEL)
+# Settings that must be whole numbers >= 1 (0 would train nothing, leave a table without rows or a pool
+# without workers).
+POSITIVE_INTS = ("workers", "seeds", "steps", "n_general", "m_target", "eval_n", "retention_n")
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,57 @@ def train_config(cfg: ReproduceConfig, spec: RunSpec):
     return dataclasses.replace(base, **dict(spec.knobs))
 
 
+# TrainConfig fields that do not change what a run computes: where it is written, its bar, the resume flag
+PLACE_FIELDS = ("out", "progress", "resume")
+
+
+def run_config(cfg: ReproduceConfig, tcfg) -> dict:
+    """Everything a run's summary depends on, in its JSON form: the TrainConfig (PLACE_FIELDS aside) and the
+    retention check. Stored in summary.json; a stored run is reused only if this matches exactly."""
+    train_fields = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in PLACE_FIELDS}
+    config = {"train": train_fields, "retention_tasks": list(RETENTION_TASKS), "retention_n": cfg.retention_n}
+    return json.loads(json.dumps(config))  # tuples as lists: the form read back from disk
+
+
+def config_changes(stored: dict | None, wanted: dict) -> list[str]:
+    """'name: stored -> wanted' for each setting that differs (train fields by their own name); [] if equal."""
+    if not stored:
+        return ["no settings stored (a summary from before they were)"]
+    flat = lambda c: {**c.get("train", {}), **{k: v for k, v in c.items() if k != "train"}}  # noqa: E731
+    old, new = flat(stored), flat(wanted)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in path, or None where there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def stale_run(run_dir: str, config: dict) -> list[str]:
+    """Why what run_dir holds was made with other settings than `config` ([] when it is this run's own, or
+    empty): the summary of a finished run is compared whole, the config.json of an interrupted one by its
+    train fields (PLACE_FIELDS aside)."""
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    if summary is not None:
+        return config_changes(summary.get("config"), config)
+    stored = read_json(os.path.join(run_dir, "config.json"))
+    if stored is None:
+        return []
+    stored = {"train": {k: v for k, v in stored.items() if k not in PLACE_FIELDS}}
+    return config_changes(stored, {"train": config["train"]})
+
+
 def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
-    """Train (or resume, or skip) one run, then the retention check; returns and stores its summary."""
+    """Train (or resume, or skip) one run, then the retention check; returns and stores its summary.
+
+    Skipped: a summary made with the same settings (run_config) is returned as is. Resumed: an interrupted
+    run with the same settings continues from its checkpoint. Anything else in the run's directory (made
+    with other settings) is removed first, with a log line naming what changed, and the run trained anew.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -128,10 +190,16 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # one bar over runs is enough
     tcfg = train_config(cfg, spec)
+    config = run_config(cfg, tcfg)
     summary_path = os.path.join(tcfg.out, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            return json.load(f)
+    changes = stale_run(tcfg.out, config)
+    if changes:
+        log.warning("run %s in %s was made with other settings (%s); removing it and training it again",
+                    spec.name, tcfg.out, "; ".join(changes))
+        shutil.rmtree(tcfg.out)
+    summary = read_json(summary_path)
+    if summary is not None:
+        return summary
     resume = os.path.exists(os.path.join(tcfg.out, "checkpoint.json"))
     start = time.perf_counter()
     train(dataclasses.replace(tcfg, resume=resume))
@@ -145,7 +213,7 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     last = metrics[-1]
     step_seconds = [sum(r["seconds"].values()) for r in metrics]
     summary = {
-        **dataclasses.asdict(spec), "name": spec.name,
+        **dataclasses.asdict(spec), "name": spec.name, "config": config,
         "target_accuracy": last["eval_accuracy"], "target_loss": last["eval_loss"],
         "target_partial": last["eval_partial"],
         "retention": sum(r["accuracy"] for r in retention) / len(retention),
@@ -157,12 +225,26 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
 
 
-def reproduce(cfg: ReproduceConfig) -> list[dict]:
+def check_config(cfg: ReproduceConfig) -> None:
+    """Refuse settings that cannot make a reproduction, naming the flag, before any worker starts."""
     if cfg.mode not in ("quick", "full"):
-        raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full'.")
+        raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full' (--quick or --full).")
+    for name in POSITIVE_INTS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (a whole number), got {value!r}.")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA device; use --device cpu.")
     if not os.path.isdir(cfg.model):
-        raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` "
-                         "(for --full: `drpt build-model --config large --out small_models/gpt2-large-cfg`).")
+        raise ValueError(f"--model {cfg.model!r} is not a folder; build it with `drpt build-model` (for --full: "
+                         f"`drpt build-model --config large --device cuda`, which writes {LARGE_MODEL}).")
+
+
+def reproduce(cfg: ReproduceConfig) -> list[dict]:
+    check_config(cfg)
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     specs = plan(cfg)
     summaries = []

@@ -26,6 +26,13 @@ Named instances (`INSTANCES`): sft, reinforce, ppo_clip, grpo, off_policy. The r
 mean over each unit's rows (one prompt with its G rows; the normaliser is the unit's completion
 token count, as eq. (8) in theory/losses.md), so every instance gives one loss per unit.
 
+The value a unit loss reports (what `drpt train` logs as loss_general / loss_target) is the surrogate's,
+except where the surrogate's value says nothing: with pi_ref = pi_theta detached (sft, reinforce) the
+ratio of eq. (6) is 1, so s_t = -A whatever the model (the sft instance would always read -1). Those
+instances report the score-function loss -A log pi_theta instead (eq. (6') in theory/unified_view.md):
+for sft the demonstration's token-mean NLL, for reinforce -r log pi. Its gradient is the same, and the
+gradient is taken from the surrogate all the same (`with_value`), so the update is bit-identical.
+
 Shapes:
     logprobs, mask, old_logprobs (U, G, T - 1); rewards (U, G) -> advantages (U, G) -> loss (U,)
 """
@@ -105,6 +112,20 @@ def upge_token_surrogate(logprobs, mask, advantages, log_ref, stable) -> torch.T
     return torch.where(mask, -one * adv * ratio, 0.0)
 
 
+def score_function_value(logprobs, mask, advantages) -> torch.Tensor:
+    """Per-token -A log pi_theta, 0 off the mask (eq. (6')): the loss whose gradient equals that of eq. (6)
+    when pi_ref = pi_theta detached; for A = 1 the NLL. logprobs, mask (U, G, T-1), advantages (U, G)."""
+    adv = advantages.to(logprobs.dtype)[..., None]  # (U, G, 1)
+    return torch.where(mask.bool(), -adv * logprobs, 0.0)
+
+
+def with_value(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """value's value with surrogate's gradient, both exact: value + (s - s) is value (s - s = 0 in floating
+    point), and autograd passes the incoming gradient to s unchanged (add and sub scale by 1), so the
+    gradient is bit-identical to that of the surrogate alone. Any shape; value is detached."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def token_mean_per_unit(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum over the unit's masked tokens / their count. (U, G, T-1) -> (U,)"""
     count = mask.bool().sum((1, 2)).to(per_token.dtype)  # (U,) the normaliser
@@ -121,9 +142,11 @@ class Estimator:
     stable: Callable  # stabilization mask
     denominator: Callable  # log pi_ref
     advantage: Callable  # rewards -> advantages
+    value: Callable | None = None  # (logprobs, mask, advantages) -> the reported per-token value; None: s_t itself
 
     def unit_loss(self, logprobs, mask, rewards, old_logprobs=None) -> torch.Tensor:
-        """The surrogate's per-unit value; its gradient is eq. (5) token-averaged. -> (U,)"""
+        """One loss per unit whose gradient is eq. (5) token-averaged (always the surrogate's, eq. (6)); its
+        value is the token mean of `value` where the instance has one (sft: the NLL), else of s_t. -> (U,)"""
         if logprobs.dim() != 3 or mask.shape != logprobs.shape:
             raise ValueError(f"logprobs and mask must both be (U, G, T - 1); got {tuple(logprobs.shape)}, "
                              f"{tuple(mask.shape)}")
@@ -131,15 +154,20 @@ class Estimator:
             raise ValueError(f"rewards must be (U, G) = {tuple(logprobs.shape[:2])}, got {tuple(rewards.shape)}")
         adv = self.advantage(rewards.to(logprobs.dtype)).detach()  # (U, G)
         per_token = upge_token_surrogate(logprobs, mask, adv, self.denominator(logprobs, old_logprobs), self.stable)
-        return token_mean_per_unit(per_token, mask)
+        loss = token_mean_per_unit(per_token, mask)  # (U,)
+        if self.value is None:
+            return loss
+        return with_value(loss, token_mean_per_unit(self.value(logprobs.detach(), mask, adv), mask))  # eq. (6')
 
 
 def sft(_=None) -> Estimator:
-    return Estimator("sft", stable_none, ref_pi_theta, adv_one)
+    """The SFT gradient on the rows; reports the token-mean NLL (its surrogate would read -1)."""
+    return Estimator("sft", stable_none, ref_pi_theta, adv_one, value=score_function_value)
 
 
 def reinforce(_=None) -> Estimator:
-    return Estimator("reinforce", stable_none, ref_pi_theta, adv_reward)
+    """r grad log pi; reports the token mean of -r log pi (its surrogate would read -r)."""
+    return Estimator("reinforce", stable_none, ref_pi_theta, adv_reward, value=score_function_value)
 
 
 def ppo_clip(eps: float = 0.2) -> Estimator:

@@ -181,7 +181,7 @@ def test_rule_state_resumes_bitwise(tiny_path, tmp_path, method):
                                      ({"method": "less", "less_mode": "batch"}, "less mode"),
                                      ({"method": "rds", "rds_pool": "max"}, "rds pool"),
                                      ({"method": "adapt", "adapt_tau": 0.0}, "tau"),
-                                     ({"paradigm": "hpt", "method": "hpt", "kl_coef": 0.1}, "kl_coef")])
+                                     ({"paradigm": "hpt", "method": "hpt", "kl_coef": 0.1}, "kl-coef")])
 def test_bad_method_config_is_refused_before_the_run(tiny_path, tmp_path, kw, name):
     cfg = _cfg(tiny_path, tmp_path / "bad", kw.pop("paradigm", "sft"), kw.pop("method"), **kw)
     with pytest.raises(ValueError, match=name):

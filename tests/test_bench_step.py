@@ -62,6 +62,7 @@ def test_bench_solvers_still_dispatches(capsys):
     assert "--cvxpy-samples" in capsys.readouterr().out
 
 
-def test_bad_grid(tmp_path):
-    with pytest.raises(ValueError, match="--grid"):
+def test_bad_grid(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the CLI prints usage and the message, no traceback
         main(["bench", "step", "--grid", "4by16", "--model", write_tiny_model(tmp_path / "m")])
+    assert exit_info.value.code == 2 and "--grid" in capsys.readouterr().err

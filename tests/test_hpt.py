@@ -4,15 +4,19 @@
 - clip mask + pi_old: exactly the gradient of PPO's clipped surrogate (autograd);
 - REINFORCE and the off-policy term against autograd of their textbook losses;
 - GRPO advantages against a hand computation;
-- the HPT gate switches exactly at gamma, and the hybrid loss is SFT or Dr.GRPO per unit.
+- the HPT gate switches exactly at gamma, and the hybrid loss is SFT or Dr.GRPO per unit;
+- the reported value: sft the token-mean NLL (not its surrogate's constant -1), reinforce -r log pi, and the
+  loss_target / loss_general a Dr step logs for HPT units the demonstration NLL and the GRPO surrogate.
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_lm import write_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import unified_pg as pg
+from drpt_ref.dr_step import Knobs, dr_step, freeze_uncovered
 from drpt_ref.hpt import HPTLoss, hpt_batch, hpt_gate
 from drpt_ref.loss_grpo import grpo_unit_loss
 from drpt_ref.loss_sft import sft_unit_loss
@@ -51,6 +55,21 @@ def test_sft_instance_is_the_token_mean_nll_gradient():
     ours1 = pg.sft().unit_loss(logp[:, :1], mask[:, :1], torch.zeros(U, 1, dtype=torch.float64))
     ref1 = sft_unit_loss(logp[:, 0], mask[:, 0])
     assert torch.allclose(_grad(ours1.sum(), W), _grad(ref1.sum(), W), rtol=1e-12, atol=1e-14)
+
+
+def test_sft_and_reinforce_report_their_likelihood_loss_not_the_surrogate():
+    """Value: sft the token-mean NLL, reinforce the token mean of -r log pi (their surrogates read -1, -r)."""
+    W, logp, mask, gen = _policy(4)
+    nll = pg.sft().unit_loss(logp, mask, torch.zeros(U, G, dtype=torch.float64))
+    assert torch.allclose(nll, _token_mean(-logp, mask), rtol=1e-12, atol=0)
+    assert bool((nll > 0).all())  # an NLL, not the surrogate's -1
+    r = torch.rand(U, G, generator=gen, dtype=torch.float64)
+    ours = pg.reinforce().unit_loss(logp, mask, r)
+    assert torch.allclose(ours, _token_mean(-r[..., None] * logp, mask), rtol=1e-12, atol=0)
+    # grpo keeps its surrogate's value (on-policy: minus the token mean of the advantages), as the grpo paradigm
+    a = r - r.mean(-1, keepdim=True)
+    grpo = pg.grpo(eps=None, std_normalize=False).unit_loss(logp, mask, r)
+    assert torch.allclose(grpo, _token_mean(-a[..., None].expand_as(mask), mask), rtol=1e-12, atol=1e-15)
 
 
 def test_ppo_clip_instance_is_the_clipped_surrogate_gradient():
@@ -140,3 +159,37 @@ def test_hpt_batch_rows_follow_the_gate(tmp_path):
     assert demo == [p.reference for p in prompts for _ in range(3)]
     all_rl, info = hpt_batch(tok, model, prompts, 3, gen(), gamma=-1)
     assert not info["is_sft"].any() and all_rl.extras["sft"].eq(0).all()
+
+
+def _row_nll(model, batch):
+    """Token-mean NLL of each row's answer tokens, from the logits by cross-entropy (independent of the package's
+    log-prob and loss code). -> (R,)"""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # (R, T-1, V)
+    nll = F.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")  # (R, T-1)
+    mask = batch.loss_mask[:, 1:].to(nll.dtype)  # position t scores token t + 1
+    return (nll * mask).sum(-1) / mask.sum(-1)
+
+
+def test_logged_hpt_loss_is_the_demonstration_nll(tmp_path):
+    """The loss_target a Dr step logs on SFT units is sft_coef x the demonstration's token-mean NLL (it was -sft_coef
+    whatever the model); on RL units (loss_general) it stays the Dr.GRPO surrogate, -(token mean of A)."""
+    path = write_tiny_model(tmp_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).double().eval()
+    g, coef = 3, 0.5
+    gen = torch.Generator().manual_seed(0)
+    target, info_t = hpt_batch(tok, model, get_task(TARGET).grpo(2, 0, "train"), g, gen, gamma=g)  # all SFT
+    general, info_g = hpt_batch(tok, model, get_task(TARGET).grpo(3, 1, "train"), g, gen, gamma=-1)  # all RL
+    assert info_t["is_sft"].all() and not info_g["is_sft"].any()
+    general.extras["rewards"] = torch.rand(3 * g, generator=gen, dtype=torch.float64)  # a random model earns 0
+    want_target = coef * _row_nll(model, target).reshape(-1, g).mean(-1).mean()  # rows of a unit are identical
+    adv = general.extras["rewards"].reshape(-1, g) - general.extras["rewards"].reshape(-1, g).mean(-1, keepdim=True)
+    mask = general.loss_mask[:, 1:].double().reshape(-1, g, general.input_ids.shape[1] - 1)  # (U, G, T-1)
+    want_general = (-(adv[..., None] * mask).sum((1, 2)) / mask.sum((1, 2))).mean()
+    assert float(want_target) > 0 and abs(float(want_general)) > 1e-3  # neither the old -coef nor a trivial 0
+    params = freeze_uncovered(model)
+    rec = dr_step(model, torch.optim.SGD(params, lr=0.1), HPTLoss(g, sft_coef=coef), general, target, "mean",
+                  Knobs(), solver="exact")
+    assert rec["loss_target"] == pytest.approx(float(want_target), rel=1e-12)
+    assert rec["loss_general"] == pytest.approx(float(want_general), rel=1e-12, abs=1e-15)

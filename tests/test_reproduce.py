@@ -1,10 +1,17 @@
-"""`drpt reproduce` on a small plan: every run trains, the report aggregates over seeds, a rerun resumes."""
+"""`drpt reproduce` on a small plan: every run trains, the report aggregates over seeds, a rerun resumes;
+a run made with other settings is trained again, not served from its old summary; bad settings are refused."""
 
+import dataclasses
+import json
+import logging
 import os
 
+import pytest
 from tiny_lm import write_tiny_model
 
 import drpt_ref.reproduce as rep
+from drpt_ref import build_model
+from drpt_ref.cli import main
 from drpt_ref.reproduce_report import comparison, table_rows, write_report
 
 
@@ -28,3 +35,67 @@ def test_small_reproduction_and_resume(tmp_path, monkeypatch):
     stamp = os.path.getmtime(final)
     again = rep.reproduce(cfg)  # finished runs are skipped, not retrained
     assert os.path.getmtime(final) == stamp and again == summaries
+
+
+def _small(tmp_path, **changes):
+    model = str(tmp_path / "model")
+    if not os.path.isdir(model):
+        write_tiny_model(model)
+    cfg = rep.ReproduceConfig(out=str(tmp_path / "out"), workers=1, seeds=1, steps=2, n_general=4, m_target=2,
+                              eval_n=8, retention_n=4, model=model, progress=False)
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_changed_settings_are_trained_again_not_served_from_the_old_summary(tmp_path, caplog):
+    spec = rep.RunSpec("sft", "mean", 0)
+    clean = rep.run_one(_small(tmp_path, steps=3, out=str(tmp_path / "clean")), spec)  # the reference: a new folder
+    two = rep.run_one(_small(tmp_path), spec)
+    assert [c[0] for c in two["curve"]] == [1, 2] and two["config"]["train"]["steps"] == 2
+    with caplog.at_level(logging.WARNING, logger="drpt_ref.reproduce"):
+        three = rep.run_one(_small(tmp_path, steps=3), spec)  # same out: the 2-step summary is stale
+    assert "steps: 2 -> 3" in caplog.text
+    assert three["curve"] == clean["curve"] and [c[0] for c in three["curve"]] == [1, 2, 3]
+    assert three["config"] == clean["config"] and not three["resumed"]
+    summary = os.path.join(tmp_path, "out", "runs", spec.name, "summary.json")
+    stamp = os.path.getmtime(summary)
+    assert rep.run_one(_small(tmp_path, steps=3), spec) == three and os.path.getmtime(summary) == stamp  # skipped
+    retention = rep.run_one(_small(tmp_path, steps=3, retention_n=5), spec)  # a setting outside TrainConfig
+    assert retention["config"]["retention_n"] == 5 and os.path.getmtime(summary) != stamp
+
+
+def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog):
+    spec = rep.RunSpec("sft", "mean", 0)
+    run_dir = os.path.join(tmp_path, "out", "runs", spec.name)
+    clean = rep.run_one(_small(tmp_path, steps=3, out=str(tmp_path / "clean")), spec)
+    rep.run_one(_small(tmp_path, steps=3), spec)
+    os.remove(os.path.join(run_dir, "summary.json"))  # interrupted after its last checkpoint
+    resumed = rep.run_one(_small(tmp_path, steps=3), spec)
+    assert resumed["resumed"] and resumed["curve"] == clean["curve"]
+    rep.run_one(_small(tmp_path, steps=2), spec)
+    os.remove(os.path.join(run_dir, "summary.json"))  # a 2-step checkpoint of other settings is left
+    with caplog.at_level(logging.WARNING, logger="drpt_ref.reproduce"):
+        fresh = rep.run_one(_small(tmp_path, steps=3), spec)
+    assert "steps: 2 -> 3" in caplog.text
+    assert not fresh["resumed"] and fresh["curve"] == clean["curve"]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["config"] == clean["config"]  # stored with the summary
+
+
+@pytest.mark.parametrize("field", rep.POSITIVE_INTS)
+def test_counts_below_one_are_refused_with_the_flag_named(tmp_path, field):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} must be >= 1"):
+        rep.reproduce(_small(tmp_path, **{field: 0}))
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+def test_cli_seeds_and_workers_zero_are_usage_errors(tmp_path, capsys):
+    for flag in ("--seeds", "--workers"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["reproduce", flag, "0", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_full_mode_reads_the_model_the_large_preset_writes():
+    assert rep.FULL["model"] == build_model.make_config({"config": "large"}).out == build_model.LARGE_MODEL
