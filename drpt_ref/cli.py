@@ -10,6 +10,7 @@ imported only when its command runs (so `drpt --help` stays fast).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import io
@@ -56,8 +57,6 @@ def field_comments(cls) -> dict[str, str]:
 def add_config_arguments(parser: argparse.ArgumentParser, cls, choices: dict | None = None) -> None:
     """One --flag-name per field of the config dataclass `cls`, typed by the field, its help the field's
     comment and its default; `choices` (field -> allowed values) lets argparse refuse a bad name."""
-    import dataclasses
-
     comments, choices = field_comments(cls), choices or {}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -69,6 +68,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, choices: dict | N
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=text,
                                 choices=choices.get(f.name))
+
+
+def check_positive_ints(config, names: tuple[str, ...]) -> None:
+    """Refuse a setting among `names` of `config` (a config dataclass or an argparse namespace) that is
+    not a whole number >= 1, naming its flag."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (a whole number), got {value!r}.")
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device that this torch build cannot see (torch is imported here, not at `drpt --help`)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu.")
 
 
 def write_output(path: str, text: str) -> None:

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from drpt_ref.cli import check_device, check_positive_ints
 from drpt_ref.tasks import get_task, task_names
 from drpt_ref.tokenizer import IGNORE, encode_prompts, encode_sft
 
@@ -145,13 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    for flag in ("n", "batch_size", "threads"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+    check_positive_ints(args, ("n", "batch_size", "threads"))
     if args.split not in ("eval", "train"):
         raise ValueError(f"--split {args.split!r} must be 'eval' (held out) or 'train'.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device; use --device cpu.")
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device)
     rows = evaluate_tasks(model, tok, args.task, args.n, args.seed, args.split, args.batch_size)

@@ -107,8 +107,13 @@ def _program(K, b, c, method: str, params: dict) -> cp.Problem:
 def solve_cvxpy(K, b, c, method: str, **params):
     """Solve `cvxpy_program` with Clarabel; return (alpha, w, info) in float64 numpy."""
     K64, b64, c64, _ = check_gram(K, b, c)  # with the tolerances of the input's dtype
-    params = check_params(method, params, K64.shape[0])
-    problem = _program(K64, b64, c64, method, params)  # K64 passed the checks: not again in float64
+    return solve_checked(K64, b64, c64, method, check_params(method, params, K64.shape[0]))
+
+
+def solve_checked(K64, b64, c64, method: str, params: dict):
+    """`solve_cvxpy` on float64 data that passed `check_gram` (with the tolerances of its original dtype,
+    so not checked again here) and on checked params."""
+    problem = _program(K64, b64, c64, method, params)
     for tol in CLARABEL_TOLERANCES:  # cvxpy's "may be inaccurate" warnings count only for the last attempt
         opts = {} if tol is None else dict(tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol, max_iter=400)
         with warnings.catch_warnings(record=True) as caught:

@@ -24,7 +24,7 @@ import warnings
 from drpt_ref import closed_forms, cone_subspace
 from drpt_ref.direction import Direction, as_input_kind, check_gram, gram_objective, program_value
 from drpt_ref.methods import check_params, check_solver_options
-from drpt_ref.programs_cvxpy import solve_cvxpy
+from drpt_ref.programs_cvxpy import solve_checked
 from drpt_ref.simplex_qp import solve_capped_simplex_qp
 
 SOLVERS = ("exact", "cvxpy")
@@ -69,7 +69,7 @@ def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None
     K64, b64, c64, kind = check_gram(K, b, c)
     params = check_params(method, params, K64.shape[0])
     if solver == "cvxpy":
-        alpha, w, info = solve_cvxpy(K, b, c, method, **params)  # the input, so its dtype sets the check
+        alpha, w, info = solve_checked(K64, b64, c64, method, params)  # checked above, in the input's dtype
     else:
         alpha, w, info = _solve_exact(K64, b64, float(c64), method, params, max_iter, tol)
     info = {"method": method, "solver": solver, "params": params, **info}

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from drpt_ref.build_model import LARGE_MODEL
-from drpt_ref.cli import parse_bool
+from drpt_ref.cli import check_device, check_positive_ints, parse_bool
+from drpt_ref.run_state import PLACE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,6 @@ def train_config(cfg: ReproduceConfig, spec: RunSpec):
                        device=cfg.device, model=cfg.model, out=os.path.join(cfg.out, "runs", spec.name),
                        progress=False, reward="partial" if spec.paradigm in ("grpo", "hpt") else "exact")
     return dataclasses.replace(base, **dict(spec.knobs))
-
-
-# TrainConfig fields that do not change what a run computes: where it is written, its bar, the resume flag
-PLACE_FIELDS = ("out", "progress", "resume")
 
 
 def run_config(cfg: ReproduceConfig, tcfg) -> dict:
@@ -229,15 +226,8 @@ def check_config(cfg: ReproduceConfig) -> None:
     """Refuse settings that cannot make a reproduction, naming the flag, before any worker starts."""
     if cfg.mode not in ("quick", "full"):
         raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full' (--quick or --full).")
-    for name in POSITIVE_INTS:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (a whole number), got {value!r}.")
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA device; use --device cpu.")
+    check_positive_ints(cfg, POSITIVE_INTS)
+    check_device(cfg.device)
     if not os.path.isdir(cfg.model):
         raise ValueError(f"--model {cfg.model!r} is not a folder; build it with `drpt build-model` (for --full: "
                          f"`drpt build-model --config large --device cuda`, which writes {LARGE_MODEL}).")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,9 +65,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
 
 def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore parameters and optimizer state in place; return the step the checkpoint was taken after."""
-    checkpoint_step(run_dir)  # a clear error when there is none
-    with open(os.path.join(run_dir, CKPT_META)) as f:
-        meta = json.load(f)
+    meta = _read_meta(run_dir)
     tensors = load_file(os.path.join(run_dir, CKPT_TENSORS))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
@@ -85,25 +84,30 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
     return int(meta["step"])
 
 
-# config fields that may differ on --resume: they do not change what the run computes (steps may grow)
-RESUME_FREE = ("resume", "steps", "progress", "out")
+# TrainConfig fields that do not change what a run computes: where it is written, its bar, the resume flag
+PLACE_FIELDS = ("out", "progress", "resume")
+# config fields that may differ on --resume: those, and the steps (a resumed run may go further)
+RESUME_FREE = PLACE_FIELDS + ("steps",)
 
 
-def checkpoint_step(run_dir: str) -> int:
-    """The step of the checkpoint in run_dir (FileNotFoundError with the fix when there is none)."""
+def _read_meta(run_dir: str) -> dict:
+    """checkpoint.json of run_dir (FileNotFoundError with the fix when there is none)."""
     meta_path = os.path.join(run_dir, CKPT_META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} ({CKPT_META} missing); "
                                 "start without --resume.")
     with open(meta_path) as f:
-        return int(json.load(f)["step"])
+        return json.load(f)
+
+
+def checkpoint_step(run_dir: str) -> int:
+    """The step of the checkpoint in run_dir (FileNotFoundError with the fix when there is none)."""
+    return int(_read_meta(run_dir)["step"])
 
 
 def start_fresh(run_dir: str, stale: tuple[str, ...]) -> list[str]:
     """A new run in an existing folder: remove the previous run's checkpoint and the given extra files
     or folders, so a later --resume can never continue from another run's weights. Returns what went."""
-    import shutil
-
     removed = []
     for name in (CKPT_TENSORS, CKPT_META, *stale):
         path = os.path.join(run_dir, name)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import dr_step as dr
-from drpt_ref.cli import add_config_arguments
+from drpt_ref.cli import add_config_arguments, check_device, check_positive_ints
 from drpt_ref.evaluate import evaluate_task
 from drpt_ref.hpt import HPTLoss, hpt_batch
 from drpt_ref.loss_dpo import DPOLoss
@@ -128,9 +128,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"dtype={cfg.dtype!r} must be 'float32' or 'float64'.")
     positive_ints = ("steps", "n_general", "m_target", "target_size", "pool_size", "sketch_dim", "eval_every",
                      "eval_n", "checkpoint_every", "max_new_tokens")
-    for name in positive_ints:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}.")
+    check_positive_ints(cfg, positive_ints)
     if cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size:
         raise ValueError("--m-target must be <= --target-size and --n-general <= --pool-size (units are drawn "
                          "without replacement).")
@@ -150,8 +148,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--kl-coef is a GRPO term; paradigm {cfg.paradigm!r} would ignore it: leave it at 0.")
     if cfg.weight_decay and cfg.optimizer != "adamw":
         raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA device; use --device cpu.")
+    check_device(cfg.device)
     if not os.path.isdir(cfg.model):
         raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` or pass a path.")
 
