@@ -15,6 +15,17 @@ Symbols used in every shape comment:
     T  tokens                       L  layers
     r  rank of the joint Gram of (g_T, G)
 
+Layout, one subpackage per layer; imports run only downward (each __init__ says what it may import):
+    flags        command-line flags shared by every command (config dataclass -> argparse, checks)
+    core         the projections of the method, one convex program each, and the exact solvers that check them
+    batched      many projections at once in torch, on any device: the third rung of the solver ladder
+    data         the task suite, its character tokenizer, and the sampling of completions (rollouts)
+    losses       per-unit losses: the unit batch, SFT, DPO, GRPO and the unified policy-gradient estimator
+    gram         the Gram quantities K, b, c of a model's per-unit gradients: exact, ghost and sketched engines
+    training     the Dr step and the training loop: weight rules, selection baselines, ADAPT, HPT, run state
+    experiments  the jobs built on training: reproduce, bias-variance, spectrum, benchmarks, build-model
+    cli          `drpt`, one subcommand per job
+
 Entry points:
     project(K, b, c, method, **params)        exact solvers, or solver="cvxpy"
     project_batched(K, b, c, method, ...)     many problems at once, torch, any device
@@ -22,10 +33,10 @@ Entry points:
     METHODS                                   method names and their parameters
 """
 
-from drpt_ref.batched import project_batched
-from drpt_ref.direction import Direction
-from drpt_ref.methods import METHODS, NESTED_CHAIN
-from drpt_ref.programs_cvxpy import cvxpy_program, solve_cvxpy
-from drpt_ref.project import project
+from drpt_ref.batched.solve import project_batched
+from drpt_ref.core.direction import Direction
+from drpt_ref.core.methods import METHODS, NESTED_CHAIN
+from drpt_ref.core.programs_cvxpy import cvxpy_program, solve_cvxpy
+from drpt_ref.core.project import project
 
 __all__ = ["Direction", "METHODS", "NESTED_CHAIN", "cvxpy_program", "project", "project_batched", "solve_cvxpy"]

@@ -1,4 +1,7 @@
-"""`python -m drpt_ref ...` is the same as the `drpt` command."""
+"""`python -m drpt_ref ...` is the same as the `drpt` command.
+
+May import: cli.
+"""
 
 import sys
 

@@ -1,6 +1,6 @@
 """The bank of batched problems for the tests of `project_batched`, with their cvxpy references.
 
-Per method, BATCHED_PROBLEMS_PER_METHOD problems from every family of drpt_ref.instances, in
+Per method, BATCHED_PROBLEMS_PER_METHOD problems from every family of drpt_ref.core.instances, in
 batches of one n each (a batch shares n): many small batches (n <= 64), one batch of B = 256 and
 one of n = 256, plus n = 1 (the "single" family). References are solved once per session by
 `solve_cvxpy` (Clarabel at 1e-11 gaps, float64) and shared by the float64 and float32 tests.
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from conftest import BATCH_SHAPES
 
-from drpt_ref.direction import program_value
-from drpt_ref.instances import FAMILIES, Problem, random_params, random_problem
-from drpt_ref.programs_cvxpy import solve_cvxpy
+from drpt_ref.core.direction import program_value
+from drpt_ref.core.instances import FAMILIES, Problem, random_params, random_problem
+from drpt_ref.core.programs_cvxpy import solve_cvxpy
 
 
 @dataclass

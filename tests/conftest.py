@@ -48,8 +48,8 @@ BATCH_SHAPES = ((256, 6), (4, 256), (8, 1), (64, 2), (64, 3), (64, 5), (64, 8), 
 # float32: |f32 - f_ref| <= F32_RTOL * scale, scale = |f_ref| + c/2 + max_i K_ii/2 (the size of the terms
 # of eq. (2)) or ||b||_inf + tau log n for the topk/softmax program values. The entries of K, b, c
 # themselves carry a relative error of eps32 = 6e-8 and evaluating eq. (2) adds n * eps32 <= 1.5e-5
-# (n <= 256); the float32 certificate tolerance is 2e-5 (DEFAULT_TOL in batched_qp.py). 1e-4 is
+# (n <= 256); the float32 certificate tolerance is 2e-5 (DEFAULT_TOL in batched/qp.py). 1e-4 is
 # that error with a 5x margin (theory/batched_solvers.md, section 5).
 F32_RTOL = 1e-4
-# How many members of each method's bank are also solved by drpt_ref.project one at a time.
+# How many members of each method's bank are also solved by drpt_ref.core.project one at a time.
 N_EQUIV_PROBLEMS = 200

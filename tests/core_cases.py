@@ -10,7 +10,7 @@ import numpy as np
 from conftest import N_CORE_PROBLEMS
 
 from drpt_ref import METHODS, Direction, project, solve_cvxpy
-from drpt_ref.instances import Problem, problem_stream, random_params
+from drpt_ref.core.instances import Problem, problem_stream, random_params
 
 
 @dataclass

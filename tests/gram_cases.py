@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from drpt_ref.loss_dpo import DPOLoss, sequence_logprob
-from drpt_ref.loss_grpo import GRPOLoss, group_advantages
-from drpt_ref.loss_sft import SFTLoss
-from drpt_ref.unit_batch import RowBatch, token_logprobs
+from drpt_ref.losses.dpo import DPOLoss, sequence_logprob
+from drpt_ref.losses.grpo import GRPOLoss, group_advantages
+from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
 
 VOCAB = 40
 GROUP = 3  # GRPO completions per prompt

@@ -22,7 +22,7 @@ from conftest import OBJ_ATOL, OBJ_RTOL  # noqa: E402
 from feasibility import violation  # noqa: E402
 
 from drpt_ref import METHODS, project_batched  # noqa: E402
-from drpt_ref.direction import program_value  # noqa: E402
+from drpt_ref.core.direction import program_value  # noqa: E402
 
 
 def worst(method):

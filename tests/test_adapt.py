@@ -11,15 +11,15 @@ import torch
 from tiny_lm import write_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpt_ref.adapt import AdaptConfig, AdaptRule, adapt_features, adapt_weights, anchor_centroid
-from drpt_ref.dr_step import Knobs, StepContext
-from drpt_ref.gram import gram_from_capture
-from drpt_ref.gram_ghost import capture
-from drpt_ref.loss_sft import SFTLoss
-from drpt_ref.rep_features import last_hidden_states, ramp_weights
-from drpt_ref.tasks import TARGET, general_pool, get_task
-from drpt_ref.train_data import sft_batch
-from drpt_ref.unit_batch import RowBatch
+from drpt_ref.data.tasks import TARGET, general_pool, get_task
+from drpt_ref.gram.compute import gram_from_capture
+from drpt_ref.gram.ghost import capture
+from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.losses.unit_batch import RowBatch
+from drpt_ref.training.adapt import AdaptConfig, AdaptRule, adapt_features, adapt_weights, anchor_centroid
+from drpt_ref.training.dr_step import Knobs, StepContext
+from drpt_ref.training.rep_features import last_hidden_states, ramp_weights
+from drpt_ref.training.train_data import sft_batch
 
 
 def test_ramp_weights_by_hand():

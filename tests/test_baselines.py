@@ -1,7 +1,7 @@
 """Selection baselines as weight rules, and every method through `drpt train` (issue 6).
 
 - `less` online selects exactly topk (closed_forms.solve_topk) of the cosine scores b_i / sqrt(K_ii c) of
-  the sketched Gram (gram_sketch.py, an independent path) on the same batch;
+  the sketched Gram (gram/sketch.py, an independent path) on the same batch;
 - `rds` scores with the hidden states transformers itself returns; `random` is seeded per step;
 - every method runs for SFT, DPO and GRPO (hpt for its paradigm) and logs the same metric keys, with
   the logged objective equal to eq. (2) of its logged (alpha, w) and Gram;
@@ -17,17 +17,17 @@ from safetensors.torch import load_file
 from tiny_lm import write_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpt_ref.baselines import LessRule, RandomRule, RdsRule, cosine_scores, sketch_features
-from drpt_ref.closed_forms import solve_topk
-from drpt_ref.dr_step import Knobs, StepContext
-from drpt_ref.gram import gram_from_capture
-from drpt_ref.gram_ghost import capture
-from drpt_ref.loss_sft import SFTLoss
-from drpt_ref.rep_features import last_hidden_states
-from drpt_ref.run_state import read_metrics
-from drpt_ref.tasks import TARGET, general_pool, get_task
-from drpt_ref.train import TrainConfig, train
-from drpt_ref.train_data import sft_batch
+from drpt_ref.core.closed_forms import solve_topk
+from drpt_ref.data.tasks import TARGET, general_pool, get_task
+from drpt_ref.gram.compute import gram_from_capture
+from drpt_ref.gram.ghost import capture
+from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.training.baselines import LessRule, RandomRule, RdsRule, cosine_scores, sketch_features
+from drpt_ref.training.dr_step import Knobs, StepContext
+from drpt_ref.training.rep_features import last_hidden_states
+from drpt_ref.training.run_state import read_metrics
+from drpt_ref.training.train import TrainConfig, train
+from drpt_ref.training.train_data import sft_batch
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +141,8 @@ def test_every_method_runs_and_logs_the_same_metrics(tiny_path, tmp_path, paradi
 
 def test_logged_objective_is_eq2_of_the_logged_choice(tiny_path, tmp_path):
     """For a rule, the logged objective is 1/2 ||d - g_T||^2 of its (alpha, w) on the ghost Gram (same on a rerun)."""
-    from drpt_ref.dr_step import dr_step, freeze_uncovered
-    from drpt_ref.rules import TargetRule
+    from drpt_ref.training.dr_step import dr_step, freeze_uncovered
+    from drpt_ref.training.rules import TargetRule
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_path).double().eval()

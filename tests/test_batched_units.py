@@ -1,6 +1,6 @@
 """The pieces of the batched solvers against independent references, and their contracts.
 
-Projections and LMOs (drpt_ref/batched_projections.py) against cvxpy and brute force; the QP
+Projections and LMOs (drpt_ref/batched/projections.py) against cvxpy and brute force; the QP
 certificates against numpy recomputations; the warning on non-convergence; bad input; parameters
 given as scalars or (B,) tensors; the trace.
 """
@@ -15,7 +15,7 @@ import torch
 from conftest import FEAS_TOL
 
 from drpt_ref import project_batched
-from drpt_ref.batched_projections import (
+from drpt_ref.batched.projections import (
     frank_wolfe_gap,
     lmo_value,
     project_capped_simplex,
@@ -24,7 +24,7 @@ from drpt_ref.batched_projections import (
     project_weighted_simplex,
     topk_vertex,
 )
-from drpt_ref.instances import random_problem
+from drpt_ref.core.instances import random_problem
 
 # Projections are exact algorithms: only round-off of sorted cumulative sums remains (n eps ~ 1e-14).
 PROJ_TOL = 1e-10

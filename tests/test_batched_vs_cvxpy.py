@@ -17,7 +17,7 @@ from conftest import BATCH_SHAPES, F32_RTOL, FEAS_TOL, N_EQUIV_PROBLEMS, obj_tol
 from feasibility import violation
 
 from drpt_ref import METHODS, project_batched
-from drpt_ref.direction import program_value
+from drpt_ref.core.direction import program_value
 
 
 def solve_bank(method, dtype):

@@ -5,7 +5,7 @@ import pytest
 from tiny_lm import write_tiny_model
 
 from drpt_ref.cli import main
-from drpt_ref.methods import METHODS
+from drpt_ref.core.methods import METHODS
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from drpt_ref.bias_variance import CHAIN, LinearConfig, chain_rows, linear_problem, measure, spectrum
+from drpt_ref.experiments.bias_variance.measure import (
+    CHAIN,
+    LinearConfig,
+    chain_rows,
+    linear_problem,
+    measure,
+    spectrum,
+)
 
 SMALL = LinearConfig(dim=20, n_general=12, resamples=100, general_draws=4, seed=0)
 PATH_TOL = 0.02  # allowed step against the trend along a knob path, relative to ||g*||^2 (Monte Carlo noise)

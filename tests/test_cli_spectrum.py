@@ -3,9 +3,9 @@
 import numpy as np
 
 from drpt_ref.cli import main
-from drpt_ref.methods import METHODS
-from drpt_ref.spectrum_demo import SpectrumConfig, run_spectrum
-from drpt_ref.spectrum_plot import knob_paths
+from drpt_ref.core.methods import METHODS
+from drpt_ref.experiments.spectrum.demo import SpectrumConfig, run_spectrum
+from drpt_ref.experiments.spectrum.plot import knob_paths
 
 
 def test_spectrum_command_prints_every_method(capsys, tmp_path):

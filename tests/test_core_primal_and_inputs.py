@@ -13,7 +13,7 @@ import torch
 from conftest import obj_tol
 
 from drpt_ref import METHODS, cvxpy_program, project, project_batched
-from drpt_ref.instances import random_params, random_problem
+from drpt_ref.core.instances import random_params, random_problem
 
 
 def primal_direction(G, g, method, params):

@@ -15,7 +15,7 @@ from core_cases import core_cases
 from feasibility import violation
 
 from drpt_ref import project
-from drpt_ref.instances import random_problem
+from drpt_ref.core.instances import random_problem
 
 
 def _objective(case) -> float:
@@ -132,8 +132,8 @@ def test_lawson_hanson_continues_to_the_optimum_from_any_feasible_point(rng):
     from a non-optimal start it reaches cvxpy's value and the KKT conditions, on rank-deficient problems."""
     import cvxpy as cp
 
-    from drpt_ref.cone_subspace import lawson_hanson
-    from drpt_ref.direction import gram_factor
+    from drpt_ref.core.cone_subspace import lawson_hanson
+    from drpt_ref.core.direction import gram_factor
 
     for family in ["duplicates", "low_rank", "duplicates", "gaussian"]:
         p = random_problem(rng, family, n=40)

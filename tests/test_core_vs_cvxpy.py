@@ -1,7 +1,7 @@
 """The exact solvers against the cvxpy programs that define each method (issue 2, acceptance 1).
 
 On N_CORE_PROBLEMS random problems per method, over every degenerate family of
-drpt_ref.instances: the program values agree within OBJ_RTOL/OBJ_ATOL, the weights are feasible
+drpt_ref.core.instances: the program values agree within OBJ_RTOL/OBJ_ATOL, the weights are feasible
 within FEAS_TOL, and the directions d = alpha g_T + G w agree (compared as vectors, since
 weights are not unique when K is singular).
 """

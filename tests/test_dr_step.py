@@ -13,12 +13,13 @@ from tiny_lm import write_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref import project
-from drpt_ref.dr_step import Knobs, dr_step, freeze_uncovered, method_params
-from drpt_ref.gram import compute_gram, covered_parameters
-from drpt_ref.gram_exact import per_unit_gradients
-from drpt_ref.tasks import TARGET, general_pool, get_task
-from drpt_ref.train import TrainConfig, make_batches, unit_loss_of
-from drpt_ref.unit_batch import token_logprobs
+from drpt_ref.data.tasks import TARGET, general_pool, get_task
+from drpt_ref.gram.compute import compute_gram
+from drpt_ref.gram.exact import per_unit_gradients
+from drpt_ref.gram.layers import covered_parameters
+from drpt_ref.losses.unit_batch import token_logprobs
+from drpt_ref.training.dr_step import Knobs, dr_step, freeze_uncovered, method_params
+from drpt_ref.training.train import TrainConfig, make_batches, unit_loss_of
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import pytest
 import torch
 from gram_cases import make_batch, problem, tiny_gpt2, unit_loss
 
-from drpt_ref.batched import project_batched
-from drpt_ref.gram import compute_gram, covered_layers, covered_parameters, gram_from_capture, kbc_from_joint
-from drpt_ref.gram_exact import per_unit_gradients
-from drpt_ref.gram_ghost import capture, use_pair_form
-from drpt_ref.gram_sketch import sketch_joint_gram
-from drpt_ref.gram_update import assemble_update, weighted_backward_update
-from drpt_ref.unit_batch import concat_batches
+from drpt_ref.batched.solve import project_batched
+from drpt_ref.gram.compute import compute_gram, gram_from_capture, kbc_from_joint
+from drpt_ref.gram.exact import per_unit_gradients
+from drpt_ref.gram.ghost import capture, use_pair_form
+from drpt_ref.gram.layers import covered_layers, covered_parameters
+from drpt_ref.gram.sketch import sketch_joint_gram
+from drpt_ref.gram.update import assemble_update, weighted_backward_update
+from drpt_ref.losses.unit_batch import concat_batches
 
 torch.set_num_threads(2)
 PARADIGMS = ("sft", "dpo", "grpo")
@@ -62,7 +63,7 @@ def test_ghost_equals_exact(paradigm, mode):
 def test_pair_form_in_chunks_is_the_same(monkeypatch):
     model, loss, general, target, exact = setup("dpo")
     whole = compute_gram(model, loss, general, target, "ghost", ghost_mode="pair")
-    monkeypatch.setattr("drpt_ref.gram_ghost.PAIR_CHUNK_ELEMENTS", 3 * 8 * 24 * 24)  # 3 units per chunk
+    monkeypatch.setattr("drpt_ref.gram.ghost.PAIR_CHUNK_ELEMENTS", 3 * 8 * 24 * 24)  # 3 units per chunk
     chunked = compute_gram(model, loss, general, target, "ghost", ghost_mode="pair")
     assert rel(chunked.K, whole.K) <= 1e-14 and rel(chunked.K, exact.K) <= GHOST_RTOL
 

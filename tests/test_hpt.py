@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from tiny_lm import write_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpt_ref import unified_pg as pg
-from drpt_ref.dr_step import Knobs, dr_step, freeze_uncovered
-from drpt_ref.hpt import HPTLoss, hpt_batch, hpt_gate
-from drpt_ref.loss_grpo import grpo_unit_loss
-from drpt_ref.loss_sft import sft_unit_loss
-from drpt_ref.tasks import TARGET, get_task
-from drpt_ref.unit_batch import RowBatch
+from drpt_ref.data.tasks import TARGET, get_task
+from drpt_ref.losses import unified_pg as pg
+from drpt_ref.losses.grpo import grpo_unit_loss
+from drpt_ref.losses.sft import sft_unit_loss
+from drpt_ref.losses.unit_batch import RowBatch
+from drpt_ref.training.dr_step import Knobs, dr_step, freeze_uncovered
+from drpt_ref.training.hpt import HPTLoss, hpt_batch, hpt_gate
 
 U, G, T, V, D = 3, 4, 7, 11, 5
 

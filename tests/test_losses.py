@@ -7,10 +7,10 @@ import pytest
 import torch
 from gram_cases import make_batch, random_rows, tiny_gpt2
 
-from drpt_ref.loss_dpo import DPOLoss, dpo_unit_loss, sequence_logprob
-from drpt_ref.loss_grpo import GRPOLoss, group_advantages, grpo_unit_loss, k3_kl
-from drpt_ref.loss_sft import SFTLoss, sft_unit_loss
-from drpt_ref.unit_batch import RowBatch, concat_batches, token_logprobs
+from drpt_ref.losses.dpo import DPOLoss, dpo_unit_loss, sequence_logprob
+from drpt_ref.losses.grpo import GRPOLoss, group_advantages, grpo_unit_loss, k3_kl
+from drpt_ref.losses.sft import SFTLoss, sft_unit_loss
+from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
 
 torch.set_num_threads(2)
 D = torch.float64

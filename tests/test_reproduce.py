@@ -9,10 +9,10 @@ import os
 import pytest
 from tiny_lm import write_tiny_model
 
-import drpt_ref.reproduce as rep
-from drpt_ref import build_model
+import drpt_ref.experiments.reproduce.run as rep
 from drpt_ref.cli import main
-from drpt_ref.reproduce_report import comparison, table_rows, write_report
+from drpt_ref.experiments import build_model
+from drpt_ref.experiments.reproduce.report import comparison, table_rows, write_report
 
 
 def test_small_reproduction_and_resume(tmp_path, monkeypatch):
@@ -51,7 +51,7 @@ def test_changed_settings_are_trained_again_not_served_from_the_old_summary(tmp_
     clean = rep.run_one(_small(tmp_path, steps=3, out=str(tmp_path / "clean")), spec)  # the reference: a new folder
     two = rep.run_one(_small(tmp_path), spec)
     assert [c[0] for c in two["curve"]] == [1, 2] and two["config"]["train"]["steps"] == 2
-    with caplog.at_level(logging.WARNING, logger="drpt_ref.reproduce"):
+    with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
         three = rep.run_one(_small(tmp_path, steps=3), spec)  # same out: the 2-step summary is stale
     assert "steps: 2 -> 3" in caplog.text
     assert three["curve"] == clean["curve"] and [c[0] for c in three["curve"]] == [1, 2, 3]
@@ -73,7 +73,7 @@ def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog)
     assert resumed["resumed"] and resumed["curve"] == clean["curve"]
     rep.run_one(_small(tmp_path, steps=2), spec)
     os.remove(os.path.join(run_dir, "summary.json"))  # a 2-step checkpoint of other settings is left
-    with caplog.at_level(logging.WARNING, logger="drpt_ref.reproduce"):
+    with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
         fresh = rep.run_one(_small(tmp_path, steps=3), spec)
     assert "steps: 2 -> 3" in caplog.text
     assert not fresh["resumed"] and fresh["curve"] == clean["curve"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from drpt_ref.run_state import MetricsLog, load_checkpoint, read_metrics, save_checkpoint, step_generator
+from drpt_ref.training.run_state import MetricsLog, load_checkpoint, read_metrics, save_checkpoint, step_generator
 
 
 def _train(model, opt, steps, start=0):

@@ -3,10 +3,10 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from drpt_ref.evaluate import greedy_generate
-from drpt_ref.run_state import step_generator
-from drpt_ref.sampling import sample_groups
-from drpt_ref.tokenizer import build_tokenizer
+from drpt_ref.data.sampling import sample_groups
+from drpt_ref.data.tokenizer import build_tokenizer
+from drpt_ref.training.evaluate import greedy_generate
+from drpt_ref.training.run_state import step_generator
 
 
 def _model(tok):

@@ -18,9 +18,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from drpt_ref.build_model import build, make_config  # noqa: E402
-from drpt_ref.evaluate import answer_loss, evaluate_tasks, greedy_generate, load  # noqa: E402
-from drpt_ref.tasks import TASKS, get_task  # noqa: E402
+from drpt_ref.data.tasks import TASKS, get_task  # noqa: E402
+from drpt_ref.experiments.build_model import build, make_config  # noqa: E402
+from drpt_ref.training.evaluate import answer_loss, evaluate_tasks, greedy_generate, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "small_models" / "gpt2-tiny"
@@ -166,7 +166,7 @@ def test_build_flags_round_trip_and_accept_both_spellings():
     import argparse
     import dataclasses
 
-    from drpt_ref.build_model import add_arguments, command_line
+    from drpt_ref.experiments.build_model import add_arguments, command_line
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

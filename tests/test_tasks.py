@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from drpt_ref.tasks import GENERAL, TARGET, TASKS, general_pool, get_task, parse_weights, task_names
-from drpt_ref.tasks_arith import no_carry_sum, wrong_sums
-from drpt_ref.tasks_base import partial_credit, split_of
-from drpt_ref.tasks_strings import string_near_misses
-from drpt_ref.tokenizer import ALPHABET, encode_prompts, encode_sft, save_tokenizer
+from drpt_ref.data.arith import no_carry_sum, wrong_sums
+from drpt_ref.data.strings import string_near_misses
+from drpt_ref.data.task_base import partial_credit, split_of
+from drpt_ref.data.tasks import GENERAL, TARGET, TASKS, general_pool, get_task, parse_weights, task_names
+from drpt_ref.data.tokenizer import ALPHABET, encode_prompts, encode_sft, save_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tiny_lm import write_tiny_model
 
 from drpt_ref.cli import main
-from drpt_ref.run_state import read_metrics
-from drpt_ref.train import TrainConfig, train
+from drpt_ref.training.run_state import read_metrics
+from drpt_ref.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_cli_train_help_and_unknown_flag(capsys):
 def test_a_new_run_in_an_old_folder_cannot_resume_the_old_weights(tiny_path, tmp_path, monkeypatch):
     """Run A leaves a checkpoint; run B (fresh, same --out) is interrupted before its first checkpoint; a
     --resume then refuses, instead of continuing A's weights under B's config."""
-    import drpt_ref.train as train_module
+    import drpt_ref.training.train as train_module
 
     out = tmp_path / "shared"
     train(_cfg(tiny_path, out, method="mean", steps=2, checkpoint_every=2, eval_every=2))

@@ -3,7 +3,7 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from drpt_ref.tokenizer import save_tokenizer
+from drpt_ref.data.tokenizer import save_tokenizer
 
 
 def write_tiny_model(path, seed: int = 0, n_layer: int = 2, n_embd: int = 32) -> str:

@@ -1,0 +1,129 @@
+"""Input checks of `project_batched`, in torch with one host round-trip, and its warnings.
+
+The rules and messages are those of `check_gram` and `check_params` (drpt_ref/core/direction.py,
+drpt_ref/core/methods.py); only the cost differs. All tests are computed on the device and brought
+to the host together, once. The PSD test of `check_gram` needs an eigenvalue per problem
+(O(B n^3), seconds at B = n = 256), so by default we test the necessary conditions that cost
+O(B n) after the O(B n^2) symmetry and finiteness passes (theory/batched_solvers.md, eq. (15)):
+
+    K_ii >= -tol max K_jj,  c >= -tol max(K_jj, c),  b_i^2 <= c K_ii (1 + tol)
+
+(entries of the joint Gram [[c, b^T], [b, K]] and its 2 x 2 minors through g_T);
+`validate="full"` runs `check_gram`.
+
+Shapes: K (B, n, n), b (B, n), c (B,); parameters Python scalars or (B,) tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from drpt_ref.core.direction import PSD_RTOL, SYMMETRY_RTOL, check_gram
+from drpt_ref.core.methods import check_scalar_param, fill_params
+
+
+def check_batch(K, b, c, validate: str = "cheap"):
+    """Refuse bad (K, b, c) with the messages of `check_gram`; return them as one dtype and device."""
+    for name, x in (("K", K), ("b", b), ("c", c)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor for project_batched (use drpt_ref.project for numpy).")
+        if x.is_complex() or not x.is_floating_point():
+            raise ValueError(f"{name} must be a real floating tensor (float32 or float64), got {x.dtype}.")
+    if K.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"K has dtype {K.dtype}; project_batched solves in float32 or float64, cast K first.")
+    if K.ndim != 3 or K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"K must have shape (B, n, n) (a square Gram matrix G^T G), got {tuple(K.shape)}.")
+    B, n = K.shape[0], K.shape[-1]
+    if n == 0:
+        raise ValueError("K is empty (n = 0 general samples): a projection needs at least one general gradient.")
+    if B == 0:
+        raise ValueError("K holds no problems (B = 0); pass at least one problem.")
+    if tuple(b.shape) != (B, n):
+        raise ValueError(f"b must have shape (B, n) = {(B, n)} to match K, got {tuple(b.shape)}.")
+    if tuple(c.shape) != (B,):
+        raise ValueError(f"c = ||g_T||^2 must be (B,) = ({B},), got shape {tuple(c.shape)}.")
+    b, c = b.to(K.device, K.dtype), c.to(K.device, K.dtype)
+    if validate == "full":
+        check_gram(K, b, c, batched=True)
+        return K, b, c
+    if validate != "cheap":
+        raise ValueError(f"validate={validate!r} must be 'cheap' (O(B n^2)) or 'full' (eigenvalues, O(B n^3)).")
+    d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
+    # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
+    # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
+    asym_K = (K - K.mT).amax((-2, -1))  # (B,) finite iff K is (the division below may overflow on garbage)
+    scale = d.amax(-1).clamp_min(torch.finfo(K.dtype).tiny)  # (B,) the size of K alone, as in check_gram
+    asym = asym_K / scale  # (B,)
+    tol = PSD_RTOL[K.dtype] * (n + 1)
+    # the 2 x 2 minors through g_T in correlation form, b_i^2 <= c K_ii (1 + tol), in float64 (c K_ii may
+    # over- or underflow in float32); O(B n)
+    b64, c64, d64 = b.double(), c.double().unsqueeze(-1), d.double()  # (B, n), (B, 1), (B, n)
+    cd = c64 * d64.clamp_min(0.0)  # (B, n)
+    minor_b = (b64 * b64 - cd - tol * cd).amax(-1)  # (B,) > 0: a minor is negative
+    flags = torch.stack([
+        ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
+        (asym > SYMMETRY_RTOL[K.dtype]).any(),
+        (d.amin(-1) / scale < -tol).any(),
+        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any(),
+        (asym > 0).any(),
+    ]).tolist()  # the one host round-trip
+    for name, bad in zip("Kbc", flags[:3]):
+        if bad:
+            raise ValueError(f"{name} contains NaN or inf; check the gradients it was computed from "
+                             "(a diverged loss, or a token mask that divides by zero).")
+    if flags[3]:
+        raise ValueError(f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "
+                         f"{SYMMETRY_RTOL[K.dtype]:.0e}); pass K = G^T G, or symmetrize it with (K + K^T) / 2.")
+    if flags[4]:
+        raise ValueError("K is not PSD (a negative diagonal entry); K must be a Gram matrix: compute K = G^T G "
+                         "from the per-sample gradients (validate='full' tests every eigenvalue).")
+    if flags[5]:
+        raise ValueError("b and c do not match K: c < 0 or b_i^2 > c K_ii (the joint Gram [[c, b^T], [b, K]] of "
+                         "(g_T, G) is not PSD); compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T.")
+    return (0.5 * (K + K.mT) if flags[6] else K), b, c  # symmetrize only where it changes K
+
+
+def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Tensor) -> dict:
+    """Fill defaults and validate; each parameter comes back as a (B,) tensor (k of topk: int64)."""
+    out = {}
+    for name, value in fill_params(method, params).items():
+        if not isinstance(value, torch.Tensor):
+            value = check_scalar_param(method, name, value, n)
+            dtype = torch.long if (method, name) == ("topk", "k") else like.dtype
+            out[name] = torch.full((B,), value, dtype=dtype, device=like.device)
+            continue
+        if tuple(value.shape) != (B,):
+            raise ValueError(f"{name} must be a Python scalar or a (B,) = ({B},) tensor, "
+                             f"got shape {tuple(value.shape)}.")
+        values = value.detach().cpu().tolist()  # one host read per tensor parameter; the checks are the scalar ones
+        if (method, name) == ("topk", "k") and value.is_floating_point():
+            raise ValueError(f"k for method 'topk' must be an integer tensor (got {value.dtype}); use "
+                             "method 'capped_simplex' for fractional k.")
+        for i, v in enumerate(values):
+            try:
+                check_scalar_param(method, name, v, n)
+            except ValueError as err:
+                raise ValueError(f"{name}[{i}]: {err}") from None
+        dtype = torch.long if (method, name) == ("topk", "k") else like.dtype
+        out[name] = value.to(device=like.device, dtype=dtype)
+    return out
+
+
+def warn_not_converged(method: str, converged: torch.Tensor, certificate: torch.Tensor, tol: float,
+                       max_iter: int, kind: str) -> None:
+    """Never silent: name the problems that missed tol, their certificates, and what to change."""
+    bad = (~converged).nonzero().flatten().tolist()
+    if not bad:
+        return
+    shown = ", ".join(f"{i} ({certificate[i].item():.1e})" for i in bad[:10])
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    warnings.warn(
+        f"project_batched(method={method!r}): {len(bad)} of {converged.numel()} problems did not reach "
+        f"{kind} <= {tol:.1e} within max_iter={max_iter}: problem (certificate) {shown}{more}. "
+        "Raise max_iter, solve in float64 if this was float32, or check these problems with "
+        "drpt_ref.core.project(K[i], b[i], c[i], method, solver='cvxpy').",
+        RuntimeWarning,
+        stacklevel=3,
+    )

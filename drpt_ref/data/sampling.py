@@ -1,0 +1,55 @@
+"""Sampling groups of completions for GRPO, batched, from the current model, reproducibly.
+
+Each prompt is repeated G times and all B * G rows are decoded together with a KV cache, drawing
+every token from softmax(logits / temperature) with a generator seeded per step (training/run_state.py),
+so a resumed run samples exactly what an uninterrupted one did. A completion ends at the first
+<eos> (or after max_new_tokens). The completions are returned as text; the training batch is
+then built with `tokenizer.encode_sft(prompts, completions)`, i.e. each completion is scored as
+its text followed by <eos> (a completion that hit max_new_tokens is scored as if it had stopped).
+
+Shapes:
+    prompts: B strings  ->  completions: B lists of G strings
+    ids, mask, position ids   (B*G, T) left-padded prompts, then (B*G, 1) per decoding step
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drpt_ref.data.tokenizer import encode_prompts
+
+
+@torch.no_grad()
+def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
+                  temperature: float, generator: torch.Generator) -> list[list[str]]:
+    """G sampled completions per prompt (text before the first <eos>)."""
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size} must be >= 1 (completions sampled per prompt).")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use evaluate.greedy_generate for greedy).")
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(group_size)]  # B*G prompts, each repeated G times
+    batch = {k: v.to(device) for k, v in encode_prompts(tok, rows).items()}
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]  # (B*G, T)
+    eos = tok.eos_token_id
+    past, steps = None, []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B*G,)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)  # (B*G, V) float64: reproducible
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)  # (B*G,)
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting <eos>
+        steps.append(nxt)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        past = out.past_key_values
+        ids = nxt[:, None]  # (B*G, 1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B*G, T + s)
+        pos = pos[:, -1:] + 1  # (B*G, 1)
+    generated = torch.stack(steps, dim=1).tolist()  # (B*G, S)
+    texts = []
+    for row in generated:
+        row = row[: row.index(eos)] if eos in row else row
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return [texts[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]

@@ -1,0 +1,320 @@
+"""`drpt bench step`: the cost of one Dr step against the standard step, by phase, over a grid of n and T.
+
+For each cell (n general units, T tokens per unit; m target units) on synthetic token batches and a
+randomly initialised GPT-2 of the shape of --model (n_positions raised to the longest T), it times
+
+    standard   one forward/backward of the mean general loss over the n units, then the optimizer
+               (the covered parameters only, as in every Dr method; written here, not in dr_step)
+    Dr         dr_step for each method with the ghost Gram (its per-layer form by the cost rule, "auto"), and
+               for --gram-methods also with: ghost-mat (the same step, every layer's ghost Gram forced to
+               materialized per-unit gradients), the exact Gram (per-unit autograd) and the sketch Gram;
+               phases: capture (forward+backward over n + m units), Gram, solve, update (assembly + optimizer)
+
+Runs are interleaved (each repeat runs every config once; the median per phase is kept), so that load
+from other processes falls on all configs alike; each config's total is printed as a ratio to the
+standard step, with the peak memory of the step over the memory before it (CPU: the process's peak
+resident set, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). A second
+table times the two exact ghost forms on the same capture, the token-pair form against materialized
+per-unit layer gradients (gram_from_capture with ghost_mode "pair" / "materialize"), as T grows: where
+one overtakes the other, against the cost rule 2 T_u^2 <= d_in d_out (eq. (5) in theory/gram.md).
+
+Shapes: general input_ids (n, T), target input_ids (m, T); loss mask on the second half of each row.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import datetime
+import functools
+import os
+import platform
+import statistics
+import time
+from unittest import mock
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, GPT2LMHeadModel
+
+from drpt_ref.core.methods import METHODS
+from drpt_ref.experiments.bench.solvers import cpu_name
+from drpt_ref.flags import write_output
+from drpt_ref.gram.compute import gram_from_capture
+from drpt_ref.gram.ghost import capture, use_pair_form
+from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
+from drpt_ref.training import dr_step as dr_step_module
+from drpt_ref.training.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
+
+ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (seconds)")
+    parser.add_argument("--grid", default=None, help="comma-separated NxT cells (default 8x32,32x32,8x128,32x128)")
+    parser.add_argument("--crossover", default=None, help="NxT1:T2:... cells of the pair/materialize table "
+                                                          "(default 16x16:32:64:128:256)")
+    parser.add_argument("--m-target", type=int, default=4, help="target units per step")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated Dr methods (ghost Gram)")
+    parser.add_argument("--gram-methods", default="simplex",
+                        help="methods also run with the ghost-mat (materialize forced), exact and sketch Gram")
+    parser.add_argument("--sketch-dim", type=int, default=32, help="sketch Gram: projection dimension")
+    parser.add_argument("--model", default="small_models/gpt2-tiny", help="folder whose config gives the shape")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per config (the median is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ---- setup -----------------------------------------------------------------------------------------------------
+
+def make_model(folder: str, max_T: int, device, seed: int):
+    """A random GPT-2 of the folder's shape with n_positions >= max_T, eval mode, uncovered params frozen."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--model={folder!r} is not a folder with a config.json")
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.n_positions = max(cfg.n_positions, max_T)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).to(device).eval()  # timing does not depend on the weights' values
+    freeze_uncovered(model)
+    return model
+
+
+def token_batch(units: int, T: int, vocab: int, gen: torch.Generator, device) -> RowBatch:
+    """Random tokens; the loss is on the second half of each row (an SFT answer). -> RowBatch (units, T)"""
+    ids = torch.randint(3, vocab, (units, T), generator=gen)  # (units, T), past the special tokens
+    loss_mask = torch.zeros(units, T, dtype=torch.long)
+    loss_mask[:, T // 2:] = 1
+    return RowBatch(ids.to(device), torch.ones_like(ids).to(device), loss_mask.to(device), 1)
+
+
+def parse_cells(text: str, name: str) -> list[tuple[int, int]]:
+    try:
+        cells = [tuple(int(x) for x in cell.lower().split("x")) for cell in text.split(",") if cell.strip()]
+    except ValueError:
+        cells = []
+    if not cells or any(len(c) != 2 or min(c) < 2 for c in cells):
+        raise ValueError(f"{name}={text!r} must be comma-separated NxT cells with N, T >= 2, e.g. 8x32,32x128")
+    return cells
+
+
+# ---- memory and timing -----------------------------------------------------------------------------------------
+
+def _pin_mmap_threshold() -> None:
+    """glibc: allocations >= 128 KiB are mmapped and returned on free, so the resident set follows the tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory over the start of the block, in MB (CPU: resident set; CUDA: allocated tensors)."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # reset the peak resident set (VmHWM) to the current one (Linux >= 4.0)
+            except OSError:
+                pass
+            self.base = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        else:
+            self.mb = max(0, _status_kb("VmHWM") * 1024 - self.base) / 2**20
+        return False
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def standard_step(model, optimizer, unit_loss, general: RowBatch) -> dict:
+    """The plain step: forward/backward of the mean general loss, then the optimizer. -> seconds by phase"""
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    losses = unit_loss(token_logprobs(model, general.input_ids, general.attention_mask), general)  # (n,)
+    losses.mean().backward()
+    t1 = time.perf_counter()
+    optimizer.step()
+    return {"forward_backward": t1 - t0, "gram": 0.0, "solve": 0.0, "update": time.perf_counter() - t1}
+
+
+def time_run(step_fn, device) -> dict:
+    """Seconds per phase, total and peak MB of one run of step_fn."""
+    _sync(device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        sec = step_fn()
+        _sync(device)
+        sec["total"] = time.perf_counter() - t0
+    return sec | {"peak_mb": mem.mb}
+
+
+def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, sketch_dim) -> dict:
+    gram = "ghost" if engine == "ghost-mat" else engine
+    if engine != "ghost-mat":
+        return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram,
+                       sketch_dim=sketch_dim)["seconds"]
+    # ghost-mat: the same dr_step with the ghost Gram's per-layer form forced to materialized gradients
+    forced = functools.partial(gram_from_capture, ghost_mode="materialize")
+    with mock.patch.object(dr_step_module, "gram_from_capture", forced):
+        return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram)["seconds"]
+
+
+def bench_cell(model, n: int, T: int, args, device, configs, gen) -> list[dict]:
+    """Every config on one (n, T) cell, the standard step first.
+
+    Runs are interleaved (repeat r runs every config once), so that load from other processes falls on all
+    configs alike; each config keeps the median of its runs per phase and the largest peak memory.
+    """
+    vocab = model.config.vocab_size
+    general, target = token_batch(n, T, vocab, gen, device), token_batch(args.m_target, T, vocab, gen, device)
+    loss, knobs, fns = SFTLoss(), Knobs(), []
+    for method, engine in [("standard", "-")] + configs:
+        m = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        if method == "standard":
+            fns.append(functools.partial(standard_step, m, opt, loss, general))
+        else:
+            fns.append(functools.partial(_dr_seconds, m, opt, loss, general, target, method, knobs, engine,
+                                         args.sketch_dim))
+    for fn in fns:
+        fn()  # warm-up
+    runs = [[time_run(fn, device) for fn in fns] for _ in range(args.repeat)]  # (repeat, configs)
+    rows = []
+    for i, (method, engine) in enumerate([("standard", "-")] + configs):
+        mine = [rep[i] for rep in runs]
+        rows.append(dict(n=n, T=T, method=method, engine=engine,
+                         **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
+                         peak_mb=max(r["peak_mb"] for r in mine)))
+    base = rows[0]["total"]
+    for r in rows:
+        r["ratio"] = r["total"] / base
+    return rows
+
+
+def bench_crossover(model, n: int, T: int, args, device, gen) -> dict:
+    """Pair vs materialized ghost Gram on one capture (median of --repeat); which form the cost rule picks."""
+    vocab = model.config.vocab_size
+    cap = capture(model, SFTLoss(), token_batch(n, T, vocab, gen, device),
+                  token_batch(args.m_target, T, vocab, gen, device))
+    out = dict(n=n, T=T)
+    for mode in ("pair", "materialize"):
+        times = []
+        for _ in range(args.repeat + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            gram_from_capture(cap, "ghost", ghost_mode=mode)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        out[mode] = statistics.median(times[1:])
+    U, T_u = cap.n + cap.m, cap.per_unit(cap.a[0]).shape[1]  # units, tokens per unit
+    out["rule_pair_layers"] = sum(use_pair_form(T_u, ly.d_in, ly.d_out, U) for ly in cap.layers)
+    out["layers"] = len(cap.layers)
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def render(rows, cross, header) -> str:
+    ms = lambda t: f"{1e3 * t:,.1f}"  # noqa: E731
+    cols = ["n", "T", "method", "gram", "fwd+bwd ms", "gram ms", "solve ms", "update ms", "total ms",
+            "ratio to standard", "peak MB"]
+    lines = header + ["", "## Time per step by phase", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r["n"]), str(r["T"]), r["method"], r["engine"]]
+                                       + [ms(r[k]) for k in (*PHASES, "total")]
+                                       + [f"{r['ratio']:.2f}x", f"{r['peak_mb']:.1f}"]) + " |")
+    lines += ["", "## Dr step / standard step, per cell (range over methods)", "",
+              "| n | T | " + " | ".join(ENGINES) + " |", "|---|---|" + "---|" * len(ENGINES)]
+    for n, T in dict.fromkeys((r["n"], r["T"]) for r in rows):
+        cell = [r for r in rows if (r["n"], r["T"]) == (n, T)]
+        span = []
+        for g in ENGINES:
+            ratios = [r["ratio"] for r in cell if r["engine"] == g]
+            span.append("-" if not ratios else f"{min(ratios):.2f}x" if len(ratios) == 1
+                        else f"{min(ratios):.2f}x - {max(ratios):.2f}x")
+        lines.append(f"| {n} | {T} | " + " | ".join(span) + " |")
+    lines += ["", "## Ghost Gram: token pairs vs materialized per-unit gradients (same capture)", "",
+              "| n | T | pair ms | materialize ms | pair / materialize | faster | cost rule picks pair in |",
+              "|---|---|---|---|---|---|---|"]
+    for c in cross:
+        faster = "pair" if c["pair"] < c["materialize"] else "materialize"
+        lines.append(f"| {c['n']} | {c['T']} | {ms(c['pair'])} | {ms(c['materialize'])} | "
+                     f"{c['pair'] / c['materialize']:.2f} | {faster} | {c['rule_pair_layers']}/{c['layers']} layers |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    device = torch.device(args.device)  # checked by bench/command.py (run)
+    if args.repeat < 1 or args.m_target < 1:
+        raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
+    torch.set_num_threads(args.threads)
+    _pin_mmap_threshold()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    grid = parse_cells(args.grid or ("4x16,8x32" if args.quick else "8x32,32x32,8x128,32x128"), "--grid")
+    cross_spec = args.crossover or ("4x8:16:32" if args.quick else "16x16:32:64:128:256")
+    cross_cells = [(n, int(T)) for cell in cross_spec.split(",") for n, Ts in [cell.lower().split("x", 1)]
+                   for T in Ts.split(":")]
+    cross_cells = parse_cells(",".join(f"{int(n)}x{T}" for n, T in cross_cells), "--crossover")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    gram_methods = [m.strip() for m in args.gram_methods.split(",") if m.strip()]
+    unknown = sorted(set(methods + gram_methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods/--gram-methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    configs = [(m, "ghost") for m in methods] + [(m, g) for g in ENGINES[1:] for m in gram_methods]
+    model = make_model(args.model, max(T for _, T in grid + cross_cells), device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for n, T in tqdm(grid, desc="bench step"):
+        rows += bench_cell(model, n, T, args, device, configs, gen)
+    cross = [bench_crossover(model, n, T, args, device, gen) for n, T in tqdm(cross_cells, desc="pair vs materialize")]
+    c = model.config
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    header = [
+        "# drpt bench step", "",
+        f"- date: {datetime.date.today().isoformat()}; device: {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no GPU in this run)"),
+        f"- machine: {cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}; load average (1 / 5 / 15 min) "
+        f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load)}",
+        f"- model: random GPT-2 of the shape of {args.model} (n_layer {c.n_layer}, n_embd {c.n_embd}, n_head "
+        f"{c.n_head}, vocab {c.vocab_size}, n_positions {c.n_positions}); synthetic SFT rows of T tokens, loss on "
+        f"the second half; m = {args.m_target} target units; AdamW; batched solver; default knobs",
+        f"- median of {args.repeat} runs after a warm-up; peak MB = "
+        + ("torch.cuda.max_memory_allocated over the step" if device.type == "cuda" else
+           "peak resident set over the step (VmHWM after /proc/self/clear_refs), a process-level measure"),
+        "- standard = forward/backward of the mean general loss + optimizer (no capture, no target batch); the "
+        "Dr phases are dr_step's: capture (fwd+bwd over n + m units), Gram, solve, update (assembly + optimizer)"
+        + ("; on CUDA the phase split is not synchronized inside dr_step, only the total is" if device.type == "cuda"
+           else ""),
+    ]
+    table = render(rows, cross, header)
+    print(table)
+    if args.out:
+        write_output(args.out, table)
+    return 0

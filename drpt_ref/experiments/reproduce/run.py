@@ -1,0 +1,190 @@
+"""`drpt reproduce`: the paper's claims in miniature, every method on every paradigm over several seeds.
+
+    drpt reproduce --quick --out results/reproduce_quick     # the README's main job: < 20 min on a 2-core CPU
+    drpt reproduce --full --device cuda --out results/full   # more steps and seeds, on the larger GPT-2
+                                                             # small_models/gpt2-large-repro (LARGE_MODEL of
+                                                             # experiments/build_model.py, built by
+                                                             # `drpt build-model --config large`)
+
+The plan (`plan`) is a list of runs of `drpt train`: for SFT, DPO and GRPO, the Dr family globally
+(target, mean, mix, ball, topk, capped_simplex, simplex, softmax, cone, subspace) and per layer, the
+selection baselines (random, less, rds) and ADAPT (adapt, adapt_softmax); HPT on its own paradigm;
+and the spectrum sweeps (k, tau, ridge, radius) between target-only and standard training. Each run
+writes its own directory; a finished run is skipped and an interrupted one resumed, so the whole
+command resumes after an interruption. A run is reused only if it was made with the same settings
+(`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly);
+a run directory left by other settings (other --steps, --model, ...) is removed and the run trained
+again, with a log line saying so. Runs go to `workers` processes, one torch thread each.
+
+Every run ends with the held-out target evaluation of `drpt train` (greedy exact match and answer
+loss on the target task's eval split) and a general-task retention check (accuracy on the helpful
+tasks' eval split). Nothing is tuned on the held-out set: knobs are fixed in `plan`.
+Tables and plots: experiments/reproduce/report.py.
+
+Shapes: no tensors here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from tqdm import tqdm
+
+from drpt_ref.experiments.build_model import LARGE_MODEL
+from drpt_ref.experiments.reproduce.plan import (
+    FULL,
+    POSITIVE_INTS,
+    RETENTION_TASKS,
+    ReproduceConfig,
+    RunSpec,
+    plan,
+    run_config,
+    train_config,
+)
+from drpt_ref.experiments.reproduce.report import write_report
+from drpt_ref.flags import check_device, check_positive_ints, parse_bool
+from drpt_ref.training.run_state import PLACE_FIELDS
+
+log = logging.getLogger(__name__)
+
+def config_changes(stored: dict | None, wanted: dict) -> list[str]:
+    """'name: stored -> wanted' for each setting that differs (train fields by their own name); [] if equal."""
+    if not stored:
+        return ["no settings stored (a summary from before they were)"]
+    flat = lambda c: {**c.get("train", {}), **{k: v for k, v in c.items() if k != "train"}}  # noqa: E731
+    old, new = flat(stored), flat(wanted)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in path, or None where there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def stale_run(run_dir: str, config: dict) -> list[str]:
+    """Why what run_dir holds was made with other settings than `config` ([] when it is this run's own, or
+    empty): the summary of a finished run is compared whole, the config.json of an interrupted one by its
+    train fields (PLACE_FIELDS aside)."""
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    if summary is not None:
+        return config_changes(summary.get("config"), config)
+    stored = read_json(os.path.join(run_dir, "config.json"))
+    if stored is None:
+        return []
+    stored = {"train": {k: v for k, v in stored.items() if k not in PLACE_FIELDS}}
+    return config_changes(stored, {"train": config["train"]})
+
+
+def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
+    """Train (or resume, or skip) one run, then the retention check; returns and stores its summary.
+
+    Skipped: a summary made with the same settings (run_config) is returned as is. Resumed: an interrupted
+    run with the same settings continues from its checkpoint. Anything else in the run's directory (made
+    with other settings) is removed first, with a log line naming what changed, and the run trained anew.
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from drpt_ref.training.evaluate import evaluate_tasks
+    from drpt_ref.training.run_state import read_metrics
+    from drpt_ref.training.train import train
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # one bar over runs is enough
+    tcfg = train_config(cfg, spec)
+    config = run_config(cfg, tcfg)
+    summary_path = os.path.join(tcfg.out, "summary.json")
+    changes = stale_run(tcfg.out, config)
+    if changes:
+        log.warning("run %s in %s was made with other settings (%s); removing it and training it again",
+                    spec.name, tcfg.out, "; ".join(changes))
+        shutil.rmtree(tcfg.out)
+    summary = read_json(summary_path)
+    if summary is not None:
+        return summary
+    resume = os.path.exists(os.path.join(tcfg.out, "checkpoint.json"))
+    start = time.perf_counter()
+    train(dataclasses.replace(tcfg, resume=resume))
+    wall = time.perf_counter() - start
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(tcfg.out, "final")).to(cfg.device).eval()
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    retention = evaluate_tasks(model, tok, list(RETENTION_TASKS), n=cfg.retention_n, seed=0, split="eval")
+    metrics = read_metrics(tcfg.out)
+    last = metrics[-1]
+    step_seconds = [sum(r["seconds"].values()) for r in metrics]
+    summary = {
+        **dataclasses.asdict(spec), "name": spec.name, "config": config,
+        "target_accuracy": last["eval_accuracy"], "target_loss": last["eval_loss"],
+        "target_partial": last["eval_partial"],
+        "retention": sum(r["accuracy"] for r in retention) / len(retention),
+        "seconds_per_step": sum(step_seconds) / len(step_seconds), "wall_seconds": wall, "resumed": resume,
+        "curve": [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in metrics if "eval_loss" in r],
+    }
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
+    return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
+
+
+def check_config(cfg: ReproduceConfig) -> None:
+    """Refuse settings that cannot make a reproduction, naming the flag, before any worker starts."""
+    if cfg.mode not in ("quick", "full"):
+        raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full' (--quick or --full).")
+    check_positive_ints(cfg, POSITIVE_INTS)
+    check_device(cfg.device)
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"--model {cfg.model!r} is not a folder; build it with `drpt build-model` (for --full: "
+                         f"`drpt build-model --config large --device cuda`, which writes {LARGE_MODEL}).")
+
+
+def reproduce(cfg: ReproduceConfig) -> list[dict]:
+    check_config(cfg)
+    os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
+    specs = plan(cfg)
+    summaries = []
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not cfg.progress):
+            summaries.append(fut.result())
+    order = {spec.name: i for i, spec in enumerate(specs)}
+    summaries.sort(key=lambda s: order[s["name"]])
+    with open(os.path.join(cfg.out, "summaries.json"), "w") as f:
+        json.dump(summaries, f)
+    return summaries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="CPU scale (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="GPU scale")
+    parser.set_defaults(mode="quick")
+    for f in dataclasses.fields(ReproduceConfig):
+        if f.name == "mode":
+            continue
+        kind = {"int": int, "str": str, "bool": parse_bool}[f.type]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(default: {f.default}; --full changes some)")
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReproduceConfig)
+             if f.name != "mode" and getattr(args, f.name) is not None}
+    defaults = FULL if args.mode == "full" else {}
+    if args.mode == "full" and "out" not in given:
+        given["out"] = "results/reproduce_full"
+    cfg = ReproduceConfig(mode=args.mode, **{**defaults, **given})
+    summaries = reproduce(cfg)
+    print(write_report(cfg, summaries))
+    return 0

@@ -1,0 +1,144 @@
+"""Ghost Gram: exact per-unit gradient inner products from ONE backward, never forming g_u in full.
+
+Hooks on every covered linear layer keep its input a (R, T, d_in) and its output gradient
+e = d(sum_u loss_u) / dY (R, T, d_out) during one forward/backward of the SUMMED per-unit losses over
+the concatenated batch [general; target]. Because the losses are summed, the e of unit u's rows
+is exactly d loss_u / d Y_u (units share no rows), and padded tokens get e = 0 (section 4 of
+theory/gram.md). A unit's layer gradient is then g_u = sum_{t in u} e_t a_t^T (+ bias sum_t e_t),
+eq. (3), and per layer either
+
+    pair form     <g_u, g_v> = sum_{t in u, s in v} (a_t . a_s)(e_t . e_s) + (sum_t e_t).(sum_s e_s)   eq. (4)
+    materialize   form g_u (d_in x d_out per unit) by one batched matmul, then F F^T                 eq. (3)
+
+both exact; "auto" picks the form with fewer FLOPs for the U units of the batch (eq. (5), T_u = tokens per unit).
+
+Shapes:
+    a (R, T, d_in), e (R, T, d_out) -> per unit A (U, T_u, d_in), E (U, T_u, d_out), T_u = rows_per_unit * T
+    joint Gram J (L, U, U), U = n + m
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from drpt_ref.gram.layers import CoveredLayer, covered_layers
+from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
+
+PAIR_CHUNK_ELEMENTS = 2**24  # largest (units x U x T_u x T_u) block the pair form holds at once
+
+
+@dataclass
+class Capture:
+    """What one forward/backward of the summed unit losses leaves behind, per covered layer."""
+
+    layers: list[CoveredLayer]
+    a: list[torch.Tensor]  # L x (R, T, d_in): layer inputs
+    e: list[torch.Tensor]  # L x (R, T, d_out): output gradients of sum_u loss_u
+    batch: RowBatch  # the concatenated [general; target] rows
+    n: int  # general units (the first n units)
+    m: int  # target units (the last m units)
+    losses: torch.Tensor  # (n + m,) the unit losses, detached
+
+    def per_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Group a layer's token tensor by unit. (R, T, d) -> (U, rows_per_unit * T, d)"""
+        return x.reshape(self.n + self.m, -1, x.shape[-1])
+
+
+@contextmanager
+def _linear_hooks(layers: list[CoveredLayer]):
+    """Register input/output-gradient hooks on the layers; always removed on exit. Yields (a, e) dicts."""
+    a, e, handles = {}, {}, []
+
+    def make_hook(name):
+        def forward_hook(module, inputs, output):
+            if name in a:
+                raise ValueError(f"layer {name} ran twice in one forward; a layer used twice (shared weights) "
+                                 "cannot be covered")
+            a[name] = inputs[0].detach()  # (R, T, d_in)
+            e[name] = torch.zeros_like(output.detach())  # (R, T, d_out); stays 0 if no loss depends on it
+
+            def grad_hook(grad):
+                e[name] = grad.detach()  # (R, T, d_out)
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+        yield a, e
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
+    """One forward and one backward of sum_u loss_u over [general; target] with hooks. -> Capture
+
+    The backward is torch.autograd.grad on the covered weights, so the parameters' .grad is untouched.
+    """
+    layers = covered_layers(model)
+    batch = concat_batches(general, target)
+    with _linear_hooks(layers) as (a, e):
+        losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
+        # Summed, not averaged: e of unit u is d loss_u / d Y_u (eq. (6) in theory/gram.md).
+        torch.autograd.grad(losses.sum(), [layer.module.weight for layer in layers], allow_unused=True)
+    return Capture(layers, [a[ly.name] for ly in layers], [e[ly.name] for ly in layers], batch,
+                   general.num_units, target.num_units, losses.detach())
+
+
+def use_pair_form(tokens_per_unit: int, d_in: int, d_out: int, units: int) -> bool:
+    """The cost rule, eq. (5) in theory/gram.md: token pairs iff their FLOPs are at most materializing's,
+    U^2 T_u^2 (d_in + d_out) <= U T_u d_in d_out + U^2 d_in d_out."""
+    T, U = tokens_per_unit, units
+    return U * T * T * (d_in + d_out) <= T * d_in * d_out + U * d_in * d_out
+
+
+def pair_gram(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Token-pair form, eq. (4): J_uv = 1^T [(A_u A_v^T) * (E_u E_v^T)] 1 (+ bias).
+
+    A (U, T_u, d_in), E (U, T_u, d_out) -> (U, U)
+    """
+    U, Tu, _ = A.shape
+    J = A.new_zeros(U, U)
+    step = max(1, PAIR_CHUNK_ELEMENTS // max(1, U * Tu * Tu))  # units per chunk
+    for i in range(0, U, step):
+        aa = torch.einsum("utd,vsd->uvts", A[i:i + step], A)  # (chunk, U, T_u, T_u)
+        ee = torch.einsum("utd,vsd->uvts", E[i:i + step], E)  # (chunk, U, T_u, T_u)
+        J[i:i + step] = (aa * ee).sum((-2, -1))
+    if bias:
+        Es = E.sum(1)  # (U, d_out): the per-unit bias gradients
+        J = J + Es @ Es.T
+    return J
+
+
+def materialized_flat(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Per-unit layer gradients g_u = sum_t a_t e_t^T (d_in x d_out, + bias), eq. (3). -> F (U, p_l)"""
+    U = A.shape[0]
+    W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in, d_out)
+    parts = [W.reshape(U, -1)] + ([E.sum(1)] if bias else [])
+    return torch.cat(parts, dim=1)  # (U, p_l)
+
+
+def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
+    """One layer's joint unit Gram by the chosen form. -> (J (U, U), the form used)"""
+    if mode == "auto":
+        mode = "pair" if use_pair_form(A.shape[1], A.shape[2], E.shape[2], A.shape[0]) else "materialize"
+    if mode == "pair":
+        return pair_gram(A, E, bias), mode
+    F = materialized_flat(A, E, bias)
+    return F @ F.T, mode
+
+
+def ghost_joint_gram(cap: Capture, mode: str = "auto"):
+    """J_l for every covered layer from the captured a and e. -> J (L, U, U), info with the form per layer"""
+    blocks, modes = [], []
+    for layer, a, e in zip(cap.layers, cap.a, cap.e):
+        J, used = layer_joint_gram(cap.per_unit(a), cap.per_unit(e), layer.has_bias, mode)
+        blocks.append(J)
+        modes.append(used)
+    return torch.stack(blocks), {"modes": modes}

@@ -1,0 +1,77 @@
+"""The update direction d = alpha g_T + G w on the covered parameters, two ways.
+
+1. `assemble_update(cap, alpha, weights)`: from the tensors a capture already holds, no second
+   backward. A unit's layer gradient is sum_t e_t a_t^T (eq. (3) in theory/gram.md), so
+
+       d_l = sum_u coef_{l,u} sum_{t in u} e_t a_t^T,  coef_l = (w_l, alpha_l / m * 1_m)      eq. (10)
+
+   over the units [general; target] of the capture. Global coefficients (alpha scalar, w (n,)) or
+   per layer (alpha (L,), w (L, n)): the per-layer feasible set of theory/gram.md, section 6.
+2. `weighted_backward_update(...)`: the global case as the gradient of one scalar,
+   alpha * mean_j target_loss_j + sum_i w_i loss_i (eq. (11)), by one backward.
+
+Both return name -> tensor of the parameter's shape (nn.Linear weight (d_out, d_in), Conv1D
+weight (d_in, d_out), bias (d_out,)); neither touches .grad. To descend, subtract lr * d.
+
+Shapes:
+    alpha () or (L,), weights (n,) or (L, n);  a (R, T, d_in), e (R, T, d_out), row coefficient (R,)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drpt_ref.gram.ghost import Capture
+from drpt_ref.gram.layers import covered_layers
+from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
+
+
+def _per_layer_coefficients(alpha, weights, L: int, n: int, like: torch.Tensor):
+    """Broadcast global or per-layer (alpha, w) to alpha (L,), w (L, n) in like's dtype and device."""
+    alpha = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
+    weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if alpha.dim() == 0 and weights.dim() == 1:
+        alpha, weights = alpha.expand(L), weights.expand(L, -1)
+    if tuple(alpha.shape) != (L,) or tuple(weights.shape) != (L, n):
+        raise ValueError(f"coefficients must be global (alpha scalar, weights ({n},)) or per layer "
+                         f"(alpha ({L},), weights ({L}, {n})); got alpha {tuple(alpha.shape)}, "
+                         f"weights {tuple(weights.shape)}")
+    return alpha, weights
+
+
+def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
+    """d_l = alpha_l g_T + G_l w_l for every covered layer from the captured a and e, eq. (10)."""
+    L, n, m = len(cap.layers), cap.n, cap.m
+    alpha, weights = _per_layer_coefficients(alpha, weights, L, n, cap.a[0])
+    unit = cap.batch.unit  # (R,)
+    update = {}
+    for l, (layer, a, e) in enumerate(zip(cap.layers, cap.a, cap.e)):
+        coef = torch.cat([weights[l], (alpha[l] / m).expand(m)])  # (n + m,) weight of each unit, eq. (10)
+        e_weighted = e * coef[unit][:, None, None]  # (R, T, d_out)
+        W = torch.einsum("rti,rto->io", a, e_weighted)  # (d_in, d_out): sum_u coef_u sum_t a_t e_t^T
+        update[f"{layer.name}.weight"] = W if layer.conv1d else W.T
+        if layer.has_bias:
+            update[f"{layer.name}.bias"] = e_weighted.sum((0, 1))  # (d_out,)
+    return update
+
+
+def weighted_backward_update(model, unit_loss, general: RowBatch, target: RowBatch, alpha, weights,
+                             param_names=None) -> dict[str, torch.Tensor]:
+    """Global d = grad of alpha * mean(target losses) + sum_i w_i loss_i, one backward, eq. (11).
+
+    param_names: which parameters to return (default: the covered ones; any trainable name works,
+    the weighted backward is not limited to linear layers).
+    """
+    n = general.num_units
+    weights = torch.as_tensor(weights)
+    if weights.shape != (n,) or torch.as_tensor(alpha).dim() != 0:
+        raise ValueError(f"weighted_backward_update is global: alpha must be a scalar and weights ({n},), got "
+                         f"{tuple(torch.as_tensor(alpha).shape)} and {tuple(weights.shape)}; use assemble_update "
+                         "for per-layer coefficients")
+    named = dict(model.named_parameters())
+    names = param_names or [p for layer in covered_layers(model) for p in layer.param_names]
+    batch = concat_batches(general, target)
+    losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
+    objective = alpha * losses[n:].mean() + (weights.to(losses) * losses[:n]).sum()  # eq. (11)
+    grads = torch.autograd.grad(objective, [named[p] for p in names], allow_unused=True)
+    return {p: g if g is not None else torch.zeros_like(named[p]) for p, g in zip(names, grads)}

@@ -1,0 +1,160 @@
+"""Evaluation on held-out prompts: greedy exact-match accuracy, partial credit and answer loss.
+
+Held out means the task's "eval" split (data/task_base.py): prompts whose stable hash falls in the
+10% eval bucket, which no training stream of any task ever draws. `seed` picks which eval
+prompts (with replacement) are drawn, so (task, n, seed) fixes the set exactly.
+
+    greedy_generate(model, tok, prompts)          batched greedy decoding with left padding
+    answer_loss(model, tok, prompts, answers)     mean NLL per answer token (eos included)
+    evaluate_task(model, tok, task, n, seed)      -> {"task", "group", "n", "accuracy", "partial", "loss"}
+    evaluate_tasks(...), format_table(rows)       several tasks, and the printed table
+
+    drpt eval --model small_models/gpt2-tiny --task all
+
+Accuracy is the task's own verifier on the completion (text before the first <eos>); "partial"
+is the mean partial-credit reward; "loss" is teacher-forced on the task's correct answers (for
+add3_noisy, the true sums, not its corrupted labels).
+
+Shapes:
+    input_ids, attention_mask, position_ids   (B, T) prompts, left-padded
+    logits                                    (B, T, V) on the first pass, (B, 1, V) after
+    generated                                 (B, S) S <= max_new_tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from drpt_ref.data.tasks import get_task, task_names
+from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
+from drpt_ref.flags import check_device, check_positive_ints
+
+MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
+
+
+@torch.no_grad()
+def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
+                    batch_size: int = 256) -> list[str]:
+    """Greedy completion of each prompt, cut at the first <eos> (kept whole if none comes)."""
+    device = next(model.parameters()).device
+    eos = tok.eos_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = {k: v.to(device) for k, v in encode_prompts(tok, prompts[start:start + batch_size]).items()}
+        ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+        past, steps = None, []
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B,)
+        for _ in range(max_new_tokens):
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                        use_cache=True)
+            nxt = res.logits[:, -1].argmax(dim=-1)  # (B,)
+            steps.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            past = res.past_key_values
+            ids = nxt[:, None]  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B, T + s)
+            pos = pos[:, -1:] + 1  # (B, 1)
+        generated = torch.stack(steps, dim=1).tolist()  # (B, S)
+        for row in generated:
+            row = row[:row.index(eos)] if eos in row else row
+            out.append(tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token NLL on the labelled positions (answer + eos); labels -100 elsewhere."""
+    shifted = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shifted,
+                                             ignore_index=IGNORE, reduction=reduction)
+
+
+@torch.no_grad()
+def answer_loss(model, tok, prompts: list[str], answers: list[str], batch_size: int = 256) -> float:
+    """Mean negative log-likelihood per answer token (answer characters and <eos>), in nats."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_sft(tok, prompts[start:start + batch_size], answers[start:start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(answer_nll(logits, batch["labels"], reduction="sum"))
+        count += int((batch["labels"] != IGNORE).sum())
+    return total / count
+
+
+def evaluate_task(model, tok, task: str, n: int = 1000, seed: int = 0, split: str = "eval",
+                  batch_size: int = 256) -> dict:
+    """Accuracy, mean partial credit and answer loss of `model` on n prompts of `task`."""
+    t = get_task(task)
+    items = t.grpo(n, seed=seed, split=split)
+    prompts = [it.prompt for it in items]
+    completions = greedy_generate(model, tok, prompts, batch_size=batch_size)
+    exact = [t.reward_exact(p, c) for p, c in zip(prompts, completions)]
+    partial = [t.reward_partial(p, c) for p, c in zip(prompts, completions)]
+    loss = answer_loss(model, tok, prompts, [it.reference for it in items], batch_size=batch_size)
+    return {"task": t.name, "group": t.group, "n": n, "seed": seed, "split": split,
+            "accuracy": sum(exact) / max(n, 1), "partial": sum(partial) / max(n, 1), "loss": loss}
+
+
+def evaluate_tasks(model, tok, tasks: str | list[str] = "all", n: int = 1000, seed: int = 0,
+                   split: str = "eval", batch_size: int = 256) -> list[dict]:
+    names = task_names(tasks) if isinstance(tasks, str) else list(tasks)
+    was_training = model.training
+    model.eval()
+    rows = [evaluate_task(model, tok, name, n, seed, split, batch_size) for name in names]
+    model.train(was_training)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table; 'se' is the binomial standard error of the accuracy."""
+    lines = [f"{'task':<11} {'group':<10} {'n':>5} {'accuracy':>8} {'se':>6} {'partial':>7} {'loss':>7}"]
+    for r in rows:
+        se = math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / max(r["n"], 1))
+        lines.append(f"{r['task']:<11} {r['group']:<10} {r['n']:>5} {r['accuracy']:>8.3f} {se:>6.3f} "
+                     f"{r['partial']:>7.3f} {r['loss']:>7.3f}")
+    return "\n".join(lines)
+
+
+def load(path: str, device: str = "cpu"):
+    """A saved model folder (safetensors + config + tokenizer), from the local disk only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    return model.to(device).eval(), tok
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="small_models/gpt2-tiny",
+                        help="a local model folder (default: small_models/gpt2-tiny)")
+    parser.add_argument("--task", default="all",
+                        help="a task name, 'a,b', a group (target/helpful/unrelated/misaligned), or 'all' (default)")
+    parser.add_argument("--n", type=int, default=500, help="held-out prompts per task (default: 500, as the card)")
+    parser.add_argument("--seed", type=int, default=0, help="which held-out prompts are drawn (default: 0)")
+    parser.add_argument("--split", default="eval", help="'eval' (held out, the default) or 'train'")
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch (default: 256)")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+
+
+def run(args) -> int:
+    check_positive_ints(args, ("n", "batch_size", "threads"))
+    if args.split not in ("eval", "train"):
+        raise ValueError(f"--split {args.split!r} must be 'eval' (held out) or 'train'.")
+    check_device(args.device)
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model, args.device)
+    rows = evaluate_tasks(model, tok, args.task, args.n, args.seed, args.split, args.batch_size)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0

@@ -1,0 +1,299 @@
+"""`drpt train`: SFT, DPO or GRPO on the task suite, every step a Dr. Post-Training step.
+
+    drpt train --paradigm sft --method simplex --steps 50 --seed 0 --out runs/sft-simplex
+    drpt train --paradigm grpo --method capped_simplex --k 4 --per-layer --out runs/grpo-capped
+    drpt train --paradigm sft --method less --less-mode offline --out runs/sft-less   # a selection baseline
+    drpt train --paradigm hpt --method hpt --hpt-gamma 0 --out runs/hpt                 # Hybrid Post-Training
+    drpt train ... --resume            # continue an interrupted run: ends bitwise equal to an uninterrupted one
+
+The loop reads top to bottom: config, data, model, then for each step: draw the units (seeded by
+the step), build the unit batches of the paradigm, take the Dr step (training/dr_step.py), log, evaluate
+the held-out target task at intervals, checkpoint. The paradigms differ only in their unit loss
+and how a batch is built (training/train_data.py, training/hpt.py); the method only in how (alpha, w) is chosen: a
+projection onto its feasible set (core/methods.py), or a weight rule looked up by name in the registry
+(training/rules.py: random, less, rds, adapt, adapt_softmax, hpt). A rule's state (LESS's offline subset,
+ADAPT's anchor centroid) is saved with each checkpoint in rule_state.json, so --resume stays exact.
+
+Outputs in --out: config.json, metrics.jsonl (step, losses, objective, alpha, weights per general
+unit with its source task and group, time per phase, held-out target accuracy and loss at
+intervals, method_info of a weight rule, batch_info: HPT's gate counts), checkpoint.safetensors
+(+ checkpoint.json, rule_state.json), final/ (the model, safetensors).
+
+Shapes: see training/train_data.py and training/dr_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drpt_ref.data.tasks import TARGET
+from drpt_ref.flags import add_config_arguments, check_device, check_positive_ints
+from drpt_ref.losses.dpo import DPOLoss
+from drpt_ref.losses.grpo import GRPOLoss
+from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.losses.unit_batch import token_logprobs
+from drpt_ref.training import dr_step as dr
+from drpt_ref.training.evaluate import evaluate_task
+from drpt_ref.training.hpt import HPTLoss, hpt_batch
+from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
+from drpt_ref.training.run_state import (
+    MetricsLog,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    start_fresh,
+    step_generator,
+    write_config,
+)
+from drpt_ref.training.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
+
+PARADIGMS = ("sft", "dpo", "grpo", "hpt")
+RULE_STATE = "rule_state.json"
+EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial")  # the held-out evaluation of a metrics record
+
+
+@dataclass
+class TrainConfig:
+    paradigm: str = "sft"  # sft | dpo | grpo | hpt (HPT units: SFT or RL per prompt, training/hpt.py)
+    method: str = "simplex"  # a feasible set of drpt_ref.METHODS, or a weight rule of rules.RULES
+    per_layer: bool = False  # one feasible set per covered linear layer, solved as one batch
+    solver: str = "batched"  # batched (torch) | exact (numpy, one problem at a time) | cvxpy (the reference)
+    gram: str = "ghost"  # ghost (exact, from hooks) | exact (per-unit autograd) | sketch (random projections)
+    sketch_dim: int = 64  # sketch only: the dimension a and e are projected to
+    steps: int = 50  # optimizer steps
+    seed: int = 0  # data sets, per-step draws and GRPO sampling all follow from it
+    n_general: int = 16  # general units per step (the columns of G)
+    m_target: int = 4  # target units per step (their mean gradient is g_T)
+    target_size: int = 32  # the scarce target training set
+    pool_size: int = 2000  # the general pool
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # learning rate of the covered parameters
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    k: float = 4.0  # topk / capped_simplex: units selected
+    tau_rel: float = 0.5  # softmax: temperature relative to the spread of b
+    ridge_rel: float = 0.0  # subspace: ridge relative to the mean diagonal of K
+    radius_rel: float = 0.5  # ball: radius relative to ||g_T - mean||
+    lam: float = 0.5  # mix: the weight of g_T
+    beta: float = 0.1  # DPO temperature
+    group_size: int = 4  # GRPO completions per prompt
+    temperature: float = 1.0  # GRPO sampling temperature
+    reward: str = "exact"  # GRPO reward: exact (0/1) | partial (fraction of correct characters)
+    std_normalize: bool = False  # GRPO: divide advantages by the group std
+    clip_eps: float = 0.0  # GRPO PPO clip (0 = none; the step is on-policy, so the ratio is 1 anyway)
+    kl_coef: float = 0.0  # GRPO k3 KL to the initial model (0 = none)
+    max_new_tokens: int = 8  # GRPO completion length limit
+    eval_every: int = 10  # steps between held-out evaluations (and at the last step)
+    eval_n: int = 200  # held-out target prompts per evaluation
+    checkpoint_every: int = 10  # steps between checkpoints (and at the last step)
+    dtype: str = "float32"  # float32 | float64 (float64 for solver-equivalence runs)
+    device: str = "cpu"  # cpu | cuda
+    model: str = "small_models/gpt2-tiny"  # the starting checkpoint (a local folder; nothing is downloaded)
+    out: str = "runs/default"  # run directory
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    progress: bool = True  # show a progress bar
+    # ---- weight rules (training/rules.py): selection baselines, ADAPT, HPT -------------------------------------------
+    less_mode: str = "online"  # less: online (top-k of each batch) | offline (a subset of the pool chosen once)
+    less_dim: int = 16  # less: projection dimension per side of the Kronecker sketch (dim^2 numbers per layer)
+    less_fraction: float = 0.05  # less offline: fraction of the pool kept (at least n_general units)
+    rds_pool: str = "last"  # rds: last (hidden state of each row's last token, as LESS's RDS) | mean (answer mean)
+    adapt_tau: float = 1.0  # adapt: gate temperature, sigmoid(score / tau) (softmax variant: softmax(score / tau))
+    adapt_refresh: int = 10  # adapt: R, steps between re-encodings of the anchors (the target set)
+    adapt_ramp: float = 1.0  # adapt: pooling weights ∝ (1 - r) + r t / N (1: ∝ t, as reported; 0: plain mean)
+    adapt_tokens: str = "answer"  # adapt: pooled positions, answer | all (every real token)
+    adapt_score: str = "mean_cosine"  # adapt: mean_cosine (phi . mean anchor phi) | centroid_cosine
+    adapt_reduction: str = "sum"  # adapt: weights / sum (sum) | / n (mean) | raw (none)
+    adapt_w_max: float = 10.0  # adapt: upper clip of a gate weight
+    hpt_gamma: int = 0  # hpt: SFT on the demonstration when at most gamma of the group are correct, else RL
+    hpt_sft_coef: float = 1.0  # hpt: the coefficient of the SFT term
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.paradigm not in PARADIGMS:
+        raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
+    check_method_config(cfg)  # the method name and its rule's parameters
+    dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=cfg.method not in dr.METHODS)
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={cfg.dtype!r} must be 'float32' or 'float64'.")
+    positive_ints = ("steps", "n_general", "m_target", "target_size", "pool_size", "sketch_dim", "eval_every",
+                     "eval_n", "checkpoint_every", "max_new_tokens")
+    check_positive_ints(cfg, positive_ints)
+    if cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size:
+        raise ValueError("--m-target must be <= --target-size and --n-general <= --pool-size (units are drawn "
+                         "without replacement).")
+    if cfg.paradigm in ("grpo", "hpt") and cfg.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
+                         "advantage is 0 and nothing trains).")
+    checks = [("lr", cfg.lr > 0, "> 0"), ("weight-decay", cfg.weight_decay >= 0, ">= 0"),
+              ("k", cfg.k >= 1, ">= 1 (units selected; it is clipped to n at each step)"),
+              ("tau-rel", cfg.tau_rel > 0, "> 0"), ("ridge-rel", cfg.ridge_rel >= 0, ">= 0"),
+              ("radius-rel", cfg.radius_rel >= 0, ">= 0"), ("lam", 0 <= cfg.lam <= 1, "in [0, 1]"),
+              ("beta", cfg.beta > 0, "> 0"), ("temperature", cfg.temperature > 0, "> 0"),
+              ("clip-eps", cfg.clip_eps >= 0, ">= 0"), ("kl-coef", cfg.kl_coef >= 0, ">= 0")]
+    for flag, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"--{flag} must be {rule}, got {getattr(cfg, flag.replace('-', '_'))}.")
+    if cfg.kl_coef and cfg.paradigm != "grpo":
+        raise ValueError(f"--kl-coef is a GRPO term; paradigm {cfg.paradigm!r} would ignore it: leave it at 0.")
+    if cfg.weight_decay and cfg.optimizer != "adamw":
+        raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
+    check_device(cfg.device)
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` or pass a path.")
+
+
+def unit_loss_of(cfg: TrainConfig):
+    if cfg.paradigm == "sft":
+        return SFTLoss()
+    if cfg.paradigm == "dpo":
+        return DPOLoss(cfg.beta)
+    if cfg.paradigm == "hpt":
+        return HPTLoss(cfg.group_size, sft_coef=cfg.hpt_sft_coef, clip_eps=cfg.clip_eps or None,
+                       std_normalize=cfg.std_normalize)
+    return GRPOLoss(cfg.group_size, clip_eps=cfg.clip_eps or None, kl_coef=cfg.kl_coef)
+
+
+def build_batch(cfg: TrainConfig, tok, model, ref_model, units: list, gen_sample: torch.Generator):
+    """The unit batch of the paradigm for the given units (GRPO/HPT sample their groups from gen_sample)."""
+    if cfg.paradigm == "sft":
+        return sft_batch(tok, units, cfg.device)
+    if cfg.paradigm == "dpo":
+        return dpo_batch(tok, units, ref_model, cfg.device)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward, device=cfg.device)
+    if cfg.paradigm == "hpt":
+        return hpt_batch(tok, model, units, cfg.group_size, gen_sample, cfg.hpt_gamma, **kw)[0]
+    batch, _ = grpo_batch(tok, model, units, cfg.group_size, gen_sample, std_normalize=cfg.std_normalize, **kw)
+    if cfg.kl_coef:
+        with torch.no_grad():
+            batch.extras["ref_logprobs"] = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)
+    return batch
+
+
+def make_batches(cfg: TrainConfig, step: int, tok, model, ref_model, target_set, pool):
+    """(general batch, target batch, the general units drawn) of one step."""
+    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), step_generator(cfg.seed, step, 1)
+    general = draw(pool, cfg.n_general, gen_draw)
+    target = draw(target_set, cfg.m_target, gen_draw)
+    g_batch = build_batch(cfg, tok, model, ref_model, general, gen_sample)  # general first: the sampling order
+    return g_batch, build_batch(cfg, tok, model, ref_model, target, gen_sample), general
+
+
+def batch_info(general, target) -> dict:
+    """What the batches say beyond the losses: HPT's gate counts (units sent to SFT); {} for other paradigms."""
+    if "sft" not in general.extras:
+        return {}
+    count = lambda b: int(b.extras["sft"].reshape(b.num_units, -1)[:, 0].sum())  # noqa: E731
+    return {"sft_units_general": count(general), "sft_units_target": count(target)}
+
+
+def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, pool):
+    """The weight rule of cfg.method (None for a projection), prepared or resumed; and the pool to draw from."""
+    gen = step_generator(cfg.seed, 0, 2)  # step 0: the offline work before training
+    env = RuleEnv(cfg, tok, model, unit_loss, target_set, pool,
+                  lambda units: build_batch(cfg, tok, model, ref_model, units, gen))
+    rule = make_rule(cfg.method, env)
+    if rule is None:
+        return None, pool
+    path = os.path.join(cfg.out, RULE_STATE)
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            rule.load_state_dict(json.load(f))
+    else:
+        rule.prepare(env)
+    return rule, rule.restrict_pool(pool)
+
+
+def save_rule_state(run_dir: str, rule) -> None:
+    if rule is None:
+        return
+    tmp = os.path.join(run_dir, RULE_STATE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(rule.state_dict(), f)
+    os.replace(tmp, os.path.join(run_dir, RULE_STATE))
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run (or resume) the training; return the run directory."""
+    check_config(cfg)
+    if cfg.resume:  # before anything is written: a missing checkpoint or too few --steps change nothing
+        done = checkpoint_step(cfg.out)
+        if cfg.steps < done:
+            raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({done}); "
+                             f"resume with --steps >= {done}.")
+    elif os.path.isdir(cfg.out):
+        removed = start_fresh(cfg.out, (RULE_STATE, "final"))
+        if removed:
+            print(f"new run in {cfg.out}: removed the previous run's {', '.join(removed)} "
+                  "(--resume continues a run instead)")
+    os.makedirs(cfg.out, exist_ok=True)
+    write_config(cfg.out, dataclasses.asdict(cfg), cfg.resume)
+    torch.manual_seed(cfg.seed)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device, dtype).eval()
+    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.paradigm in ("dpo", "grpo") else None
+    params = dr.freeze_uncovered(model)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
+    optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
+    start = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else 0
+    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
+    if cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps:  # evaluated only because a run ended there
+        log.drop_keys(start, EVAL_KEYS)
+    # ---- data ------------------------------------------------------------------------------------------------
+    target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
+                                 cfg.pool_size, cfg.seed)
+    unit_loss = unit_loss_of(cfg)
+    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool)
+    knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
+    # ---- loop ------------------------------------------------------------------------------------------------
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        general, target, units = make_batches(cfg, step, tok, model, ref_model, target_set, pool)
+        t_data = time.perf_counter() - t0
+        rec = dr.dr_step(model, optimizer, unit_loss, general, target, cfg.method, knobs, per_layer=cfg.per_layer,
+                         solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step,
+                         rule=rule, step=step)
+        rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units],
+                   batch_info=batch_info(general, target))
+        rec["seconds"]["data"] = t_data
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split="eval")
+            rec.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_partial=ev["partial"])
+            bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
+        log.write(rec)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_rule_state(cfg.out, rule)
+            save_checkpoint(cfg.out, step, model, optimizer)
+    model.save_pretrained(os.path.join(cfg.out, "final"), safe_serialization=True)
+    return cfg.out
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from drpt_ref.training.rules import ALL_METHODS
+
+    choices = {"paradigm": PARADIGMS, "method": ALL_METHODS, "solver": dr.SOLVERS, "gram": dr.GRAMS,
+               "optimizer": ("adamw", "sgd"), "dtype": ("float32", "float64"), "reward": ("exact", "partial")}
+    add_config_arguments(parser, TrainConfig, choices)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    out = train(cfg)
+    print(f"run written to {out}")
+    return 0
