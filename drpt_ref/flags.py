@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
 import os
 import textwrap
 import tokenize
@@ -68,13 +69,42 @@ def check_positive_ints(config, names: tuple[str, ...]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (a whole number), got {value!r}.")
 
 
+def check_finite(config) -> None:
+    """Refuse a float setting of `config` (a config dataclass) that is inf or nan, naming its flag."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value!r}.")
+
+
 def check_device(device: str) -> None:
-    """Refuse a CUDA device that this torch build cannot see (torch is imported here, not at `drpt --help`)."""
-    if device.startswith("cuda"):
+    """Refuse a device drpt does not run on (it runs on cpu and cuda[:N]) or one this torch build cannot see
+    (torch is imported here, not at `drpt --help`)."""
+    kind, _, index = device.partition(":")
+    if device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
+        raise ValueError(f"--device {device!r}: drpt runs on 'cpu' or 'cuda' (or 'cuda:N'); use one of those.")
+    if kind == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu.")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+
+
+def check_out_path(path: str, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be one: an existing file, a path under a file, or a path whose
+    nearest existing folder is not writable. Writes nothing."""
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is a file; an output folder is needed: choose another {flag}.")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path!r} lies under the file {probe!r}: choose another {flag}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: the folder {probe!r} is not writable: choose another {flag}.")
 
 
 def write_output(path: str, text: str) -> None:

@@ -1,5 +1,6 @@
 """`drpt reproduce` on a small plan: every run trains, the report aggregates over seeds, a rerun resumes;
-a run made with other settings is trained again, not served from its old summary; bad settings are refused."""
+a run made with other settings is trained again, not served from its old summary; bad settings are refused;
+the default output is one git ignores, and a finished run leaves no weights unless --keep-checkpoints."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ from tiny_lm import write_tiny_model
 import drpt_ref.experiments.reproduce.run as rep
 from drpt_ref.cli import main
 from drpt_ref.experiments import build_model
+from drpt_ref.experiments.reproduce.plan import plan as full_plan
 from drpt_ref.experiments.reproduce.report import comparison, table_rows, write_report
 
 
@@ -31,10 +33,10 @@ def test_small_reproduction_and_resume(tmp_path, monkeypatch):
     assert "| sft | simplex | dr | 2 |" in text
     assert os.path.getsize(os.path.join(cfg.out, "curves.png")) > 5000
     assert os.path.getsize(os.path.join(cfg.out, "spectrum.png")) > 5000
-    final = os.path.join(cfg.out, "runs", specs[0].name, "final", "model.safetensors")
-    stamp = os.path.getmtime(final)
+    summary = os.path.join(cfg.out, "runs", specs[0].name, "summary.json")
+    stamp = os.path.getmtime(summary)
     again = rep.reproduce(cfg)  # finished runs are skipped, not retrained
-    assert os.path.getmtime(final) == stamp and again == summaries
+    assert os.path.getmtime(summary) == stamp and again == summaries
 
 
 def _small(tmp_path, **changes):
@@ -67,11 +69,11 @@ def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog)
     spec = rep.RunSpec("sft", "mean", 0)
     run_dir = os.path.join(tmp_path, "out", "runs", spec.name)
     clean = rep.run_one(_small(tmp_path, steps=3, out=str(tmp_path / "clean")), spec)
-    rep.run_one(_small(tmp_path, steps=3), spec)
+    rep.run_one(_small(tmp_path, steps=3, keep_checkpoints=True), spec)
     os.remove(os.path.join(run_dir, "summary.json"))  # interrupted after its last checkpoint
     resumed = rep.run_one(_small(tmp_path, steps=3), spec)
     assert resumed["resumed"] and resumed["curve"] == clean["curve"]
-    rep.run_one(_small(tmp_path, steps=2), spec)
+    rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True), spec)
     os.remove(os.path.join(run_dir, "summary.json"))  # a 2-step checkpoint of other settings is left
     with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
         fresh = rep.run_one(_small(tmp_path, steps=3), spec)
@@ -99,3 +101,63 @@ def test_cli_seeds_and_workers_zero_are_usage_errors(tmp_path, capsys):
 
 def test_full_mode_reads_the_model_the_large_preset_writes():
     assert rep.FULL["model"] == build_model.make_config({"config": "large"}).out == build_model.LARGE_MODEL
+
+
+def _files(folder) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_the_quick_job_leaves_tables_not_weights(tmp_path, monkeypatch):
+    """Two runs at the quick job's own per-run settings (steps, units, evaluation sizes): no safetensors is
+    left, and their disk use times the quick plan's number of runs stays under 50 MB. With
+    --keep-checkpoints the checkpoint and final model stay."""
+    quick = rep.ReproduceConfig()
+    specs = [rep.RunSpec("sft", "simplex", 0), rep.RunSpec("grpo", "softmax", 0, per_layer=True)]
+    monkeypatch.setattr(rep, "plan", lambda cfg: specs)
+    cfg = _small(tmp_path, steps=quick.steps, n_general=quick.n_general, m_target=quick.m_target,
+                 eval_n=quick.eval_n, retention_n=quick.retention_n)
+    write_report(cfg, rep.reproduce(cfg))
+    files = _files(cfg.out)
+    assert not [f for f in files if f.endswith(".safetensors")], files
+    per_run = max(sum(size for f, size in files.items() if f.startswith(os.path.join("runs", s.name) + os.sep))
+                  for s in specs)
+    summaries = files["summaries.json"] / len(specs)  # grows with the number of runs
+    n_runs = len(full_plan(quick))  # the plan itself (rep.plan is replaced above)
+    total = sum(files.values()) + n_runs * (per_run + summaries)
+    assert total < 50e6, (n_runs, per_run, total)
+    keep = dataclasses.replace(cfg, out=str(tmp_path / "keep"), keep_checkpoints=True)
+    rep.run_one(keep, specs[0])
+    kept = _files(os.path.join(keep.out, "runs", specs[0].name))
+    assert any(f.startswith("checkpoint-") for f in kept) and os.path.join("final", "model.safetensors") in kept
+
+
+def test_default_outputs_are_ignored_by_git():
+    """A newcomer's `drpt reproduce --quick` (or --full, or `drpt train`) writes where git does not look, so
+    the committed results/ never change without an explicit --out."""
+    import shutil
+    import subprocess
+
+    from drpt_ref.training.train import TrainConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    for out in (rep.ReproduceConfig().out, rep.FULL["out"], TrainConfig().out):
+        probe = os.path.join(out, "runs", "x", "summary.json")
+        assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0, out
+        tracked = subprocess.run(["git", "ls-files", out], cwd=root, capture_output=True, text=True).stdout
+        assert tracked == "", out
+
+
+def test_reproduce_refuses_the_model_folder_and_foreign_folders(tmp_path, capsys):
+    cfg = _small(tmp_path)
+    with pytest.raises(ValueError, match="never writes into a model folder"):
+        rep.reproduce(dataclasses.replace(cfg, out=cfg.model))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--model", cfg.model, "--out", str(foreign), "--progress", "false"])
+    assert exit_.value.code == 2 and "holds files that drpt did not write" in capsys.readouterr().err
+    assert os.listdir(foreign) == ["thesis.tex"]

@@ -13,9 +13,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_lm import write_tiny_model
+from tiny_lm import final_params, small_run, tree, write_tiny_model
 
 from drpt_ref.cli import main
+from drpt_ref.training.checkpoint import find_checkpoint
 from drpt_ref.training.run_state import read_metrics
 from drpt_ref.training.train import TrainConfig, train
 
@@ -26,15 +27,11 @@ def tiny_path(tmp_path_factory):
 
 
 def _cfg(tiny_path, out, **kw):
-    base = dict(model=tiny_path, out=str(out), steps=20, n_general=8, m_target=3, target_size=16, pool_size=200,
-                eval_every=10, eval_n=16, checkpoint_every=10, dtype="float64", progress=False, group_size=3,
-                reward="partial", lr=3e-3)
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_run(tiny_path, out, **kw)
 
 
 def _params(run_dir):
-    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+    return final_params(run_dir)
 
 
 @pytest.mark.parametrize("paradigm", ["sft", "dpo", "grpo"])
@@ -87,27 +84,31 @@ def test_cli_train_help_and_unknown_flag(capsys):
         main(["train", "--no-such-flag", "1"])
 
 
-def test_a_new_run_in_an_old_folder_cannot_resume_the_old_weights(tiny_path, tmp_path, monkeypatch):
-    """Run A leaves a checkpoint; run B (fresh, same --out) is interrupted before its first checkpoint; a
-    --resume then refuses, instead of continuing A's weights under B's config."""
+def test_a_new_run_in_an_old_folder_needs_overwrite_and_cannot_resume_the_old_weights(tiny_path, tmp_path,
+                                                                                      monkeypatch):
+    """Run A leaves a checkpoint; run B (fresh, same --out) is refused without --overwrite; with it, B is
+    interrupted before its first checkpoint, and a --resume then refuses instead of continuing A's weights."""
     import drpt_ref.training.train as train_module
 
     out = tmp_path / "shared"
     train(_cfg(tiny_path, out, method="mean", steps=2, checkpoint_every=2, eval_every=2))
-    assert os.path.exists(out / "checkpoint.json") and os.path.isdir(out / "final")
+    assert find_checkpoint(str(out)) and os.path.isdir(out / "final")
     fresh = _cfg(tiny_path, out, method="simplex", steps=3, checkpoint_every=3, eval_every=3)
-    with pytest.raises(ValueError, match="--lr must be > 0"):  # bad flags are refused before the folder is touched
-        train(dataclasses.replace(fresh, lr=-1.0))
-    assert os.path.exists(out / "checkpoint.json")
+    before = tree(out)
+    with pytest.raises(ValueError, match="--lr must be in"):  # bad flags are refused before the folder is touched
+        train(dataclasses.replace(fresh, lr=-1.0, overwrite=True))
+    with pytest.raises(ValueError, match="holds a drpt run already; continue it with --resume"):
+        train(fresh)
+    assert tree(out) == before
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(fresh)
+        train(dataclasses.replace(fresh, overwrite=True))
     monkeypatch.undo()
-    assert not os.path.exists(out / "checkpoint.json") and not os.path.exists(out / "final")
+    assert find_checkpoint(str(out)) is None and not os.path.exists(out / "final")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(dataclasses.replace(fresh, resume=True))
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import torch
 
 from drpt_ref.data.tasks import get_task, task_names
 from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
-from drpt_ref.flags import check_device, check_positive_ints
+from drpt_ref.flags import check_device, check_out_path, check_positive_ints
+from drpt_ref.training.checkpoint import load_model_folder
 
 MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
 
@@ -122,12 +124,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load(path: str, device: str = "cpu"):
-    """A saved model folder (safetensors + config + tokenizer), from the local disk only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+def load(path: str, device: str = "cpu", flag: str = "--model"):
+    """A saved model folder (safetensors + config + tokenizer), from the local disk only, no pickle, no remote
+    code (training/checkpoint.py: load_model_folder)."""
+    model, tok = load_model_folder(path, flag)
     return model.to(device).eval(), tok
 
 
@@ -150,6 +150,10 @@ def run(args) -> int:
     if args.split not in ("eval", "train"):
         raise ValueError(f"--split {args.split!r} must be 'eval' (held out) or 'train'.")
     check_device(args.device)
+    if args.json:
+        check_out_path(os.path.dirname(os.path.abspath(args.json)), "--json")
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json!r} is a folder; name a file to write the rows to.")
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device)
     rows = evaluate_tasks(model, tok, args.task, args.n, args.seed, args.split, args.batch_size)

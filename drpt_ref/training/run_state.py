@@ -1,34 +1,42 @@
-"""Checkpoints and metrics of a training run: safetensors state, JSON-lines metrics, exact resume.
+"""The folder of a run: its marker, its config, its metrics log, the per-step generators of an exact resume.
 
 A run directory holds
-    config.json               the TrainConfig of the run (a resumed run must match it, RESUME_FREE aside)
-    metrics.jsonl             one JSON object per logged step
-    checkpoint.safetensors    model parameters and optimizer state tensors, at the last checkpoint
-    checkpoint.json           the step of that checkpoint and the optimizer's non-tensor state
+    drpt_run.json        the marker: this folder was made by drpt (kind "train" or "reproduce"); drpt writes
+                         only into an empty folder or one with its own marker, never into a --model folder
+    config.json          the TrainConfig of the run (a resumed run must match it, RESUME_FREE aside)
+    metrics.jsonl        one JSON object per step
+    checkpoint-NNNNNN/   the last checkpoint, atomic and verified on resume (training/checkpoint.py)
+    final/               the model at the end (safetensors, config, tokenizer)
 
 Resume is bitwise: every random draw of a step is seeded from (seed, step) (see `step_generator`),
-so the checkpoint needs no global RNG state; the metrics file is cut back to the checkpoint's
-step so the resumed run appends exactly what the uninterrupted one would have written (an evaluation
-logged only because a shorter run ended at that step is dropped). A new run in a folder that holds an
-old one first removes the old checkpoint (`start_fresh`), so --resume never mixes two runs.
-Loading uses safetensors only (no pickle).
+so the checkpoint needs no global RNG state. On resume the metrics log is cut back to the checkpoint's
+step (a torn last line, what a kill during a write leaves, is dropped with a message) and must then hold
+exactly the steps 1..step, so the resumed run appends what the uninterrupted one would have written.
+A new run into the folder of an old one needs --overwrite, which removes only what a run writes.
 
-Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
+Shapes: no tensors here but the generators.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
 
-CKPT_TENSORS = "checkpoint.safetensors"
-CKPT_META = "checkpoint.json"
+from drpt_ref.flags import check_out_path
+from drpt_ref.training.checkpoint import FINAL, TMP, _remove, checkpoint_folders, write_json_atomic
+
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+MARKER = "drpt_run.json"
+SUMMARY = "summary.json"  # written by `drpt reproduce` into each of its runs
+# what a train run writes into its folder: all that --overwrite removes (the marker stays)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, FINAL + ".tmp", FINAL + ".old", TMP)
+# TrainConfig fields that do not change what a run computes: where it is written, its bar, how it starts
+PLACE_FIELDS = ("out", "progress", "resume", "overwrite")
+# config fields that may differ on --resume: those, and the steps (a resumed run may go further)
+RESUME_FREE = PLACE_FIELDS + ("steps",)
 
 
 def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -> torch.Generator:
@@ -38,134 +46,143 @@ def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -
     return g
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write parameters and optimizer state; the JSON file is written last, so a torn write is never read."""
-    tensors, seen = {}, set()
-    for k, v in model.state_dict().items():  # tied weights (GPT-2's wte = lm_head) are stored once
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            tensors[f"model.{k}"] = v.detach().contiguous().cpu()
-    names = {id(p): n for n, p in model.named_parameters()}
-    scalars: dict[str, dict] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                slot = f"optim.{names[id(p)]}.{key}"
-                if torch.is_tensor(value):
-                    tensors[slot] = value.detach().contiguous().cpu()
-                else:
-                    scalars.setdefault(names[id(p)], {})[key] = value
-    tmp = os.path.join(run_dir, CKPT_TENSORS + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(run_dir, CKPT_TENSORS))
-    with open(os.path.join(run_dir, CKPT_META + ".tmp"), "w") as f:
-        json.dump({"step": step, "optimizer_scalars": scalars}, f)
-    os.replace(os.path.join(run_dir, CKPT_META + ".tmp"), os.path.join(run_dir, CKPT_META))
+# ---- the run folder -----------------------------------------------------------------------------------------
+
+def read_marker(folder: str) -> dict | None:
+    """The marker of a drpt folder ({"kind": ...}), or None where there is none or it is not drpt's."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
 
 
-def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore parameters and optimizer state in place; return the step the checkpoint was taken after."""
-    meta = _read_meta(run_dir)
-    tensors = load_file(os.path.join(run_dir, CKPT_TENSORS))
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    stored = {model.state_dict()[k].data_ptr() for k in model_state}
-    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in stored]
-    if untied or unexpected:
-        raise ValueError(f"checkpoint in {run_dir!r} does not match the model: missing {untied}, "
-                         f"unexpected {unexpected}; resume with the same --model.")
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        state = {key.rsplit(".", 1)[-1]: v.to(p.device) for key, v in tensors.items()
-                 if key.startswith(f"optim.{name}.") and key.count(".") == name.count(".") + 2}
-        state.update(meta["optimizer_scalars"].get(name, {}))
-        if state:
-            optimizer.state[p] = state
-    return int(meta["step"])
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-# TrainConfig fields that do not change what a run computes: where it is written, its bar, the resume flag
-PLACE_FIELDS = ("out", "progress", "resume")
-# config fields that may differ on --resume: those, and the steps (a resumed run may go further)
-RESUME_FREE = PLACE_FIELDS + ("steps",)
+def check_out_folder(out: str, kind: str, model: str | None = None, reuse: bool = False) -> None:
+    """Refuse an --out that drpt must not write into; writes nothing. `reuse`: a folder holding a drpt folder of
+    the same `kind` may be written into (a train run: --resume or --overwrite; a reproduction: always)."""
+    check_out_path(out, "--out")
+    if model is not None and (_inside(out, model) or _inside(model, out)):
+        raise ValueError(f"--out {out!r} and --model {model!r} overlap; drpt never writes into a model folder "
+                         "(nor a model into a run folder): choose another --out, e.g. runs/NAME.")
+    if not os.path.isdir(out):
+        return
+    marker = read_marker(out)
+    contents = sorted(set(os.listdir(out)) - {MARKER + ".tmp"})
+    if marker is None and contents:
+        raise ValueError(f"--out {out!r} holds files that drpt did not write ({', '.join(contents[:4])}"
+                         f"{', ...' if len(contents) > 4 else ''}) and no {MARKER}; drpt writes only into an empty "
+                         "or new folder or one of its own runs: choose another --out.")
+    if marker is not None and marker["kind"] != kind:
+        raise ValueError(f"--out {out!r} holds a drpt {marker['kind']} folder, not a {kind} one: choose another --out.")
+    if marker is not None and not reuse:
+        raise ValueError(f"--out {out!r} holds a drpt run already; continue it with --resume, or replace it with "
+                         "--overwrite (its checkpoint, metrics and final model are removed), or choose another --out.")
 
 
-def _read_meta(run_dir: str) -> dict:
-    """checkpoint.json of run_dir (FileNotFoundError with the fix when there is none)."""
-    meta_path = os.path.join(run_dir, CKPT_META)
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} ({CKPT_META} missing); "
-                                "start without --resume.")
-    with open(meta_path) as f:
-        return json.load(f)
-
-
-def checkpoint_step(run_dir: str) -> int:
-    """The step of the checkpoint in run_dir (FileNotFoundError with the fix when there is none)."""
-    return int(_read_meta(run_dir)["step"])
-
-
-def start_fresh(run_dir: str, stale: tuple[str, ...]) -> list[str]:
-    """A new run in an existing folder: remove the previous run's checkpoint and the given extra files
-    or folders, so a later --resume can never continue from another run's weights. Returns what went."""
+def claim_folder(out: str, kind: str, overwrite: bool = False) -> list[str]:
+    """Create --out and its marker (after `check_out_folder`); with `overwrite`, first remove what a previous
+    run wrote there (RUN_FILES and checkpoints, nothing else). Returns the names removed."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if read_marker(out) is None:
+            write_json_atomic(os.path.join(out, MARKER), {"kind": kind, "written_by": "drpt_ref"})
+    except OSError as err:
+        raise ValueError(f"--out {out!r} cannot be written ({err.strerror or err}): choose a writable "
+                         "folder.") from None
     removed = []
-    for name in (CKPT_TENSORS, CKPT_META, *stale):
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(name)
+    if overwrite:
+        for path in checkpoint_folders(out) + [os.path.join(out, name) for name in RUN_FILES]:
+            if os.path.lexists(path):
+                _remove(path)
+                removed.append(os.path.basename(path))
     return removed
 
 
-def write_config(run_dir: str, config: dict, resume: bool) -> None:
-    """Store the config; on resume, refuse a config that differs from the stored one (RESUME_FREE aside;
-    the model is compared by its resolved path)."""
+def check_resumed_config(run_dir: str, config: dict) -> None:
+    """Refuse to resume with a config that differs from the stored one (RESUME_FREE aside; the model is
+    compared by its resolved path)."""
     path = os.path.join(run_dir, CONFIG)
-    if resume and os.path.exists(path):
+    try:
         with open(path) as f:
             stored = json.load(f)
-        same = lambda k, a, b: os.path.realpath(a) == os.path.realpath(b) if k == "model" else a == b  # noqa: E731
-        diff = {k: (stored.get(k), v) for k, v in config.items()
-                if k not in RESUME_FREE and not same(k, stored.get(k), v)}
-        if diff:
-            raise ValueError(f"--resume with a different config than the run in {run_dir!r}: {diff}; "
-                             "use the same flags (only --steps and --progress may change) or a new --out.")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {path} cannot be read ({err}); start a new run with --overwrite.") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"--resume: {path} is not a config object; start a new run with --overwrite.")
+    same = lambda k, a, b: os.path.realpath(a) == os.path.realpath(b) if k == "model" else a == b  # noqa: E731
+    diff = {k: (stored.get(k), v) for k, v in config.items()
+            if k not in RESUME_FREE and not same(k, stored.get(k), v)}
+    if diff:
+        raise ValueError(f"--resume with a different config than the run in {run_dir!r}: {diff}; "
+                         "use the same flags (only --steps and --progress may change) or a new --out.")
+
+
+def write_config(run_dir: str, config: dict) -> None:
+    """Store the config of the run (replaced in one rename)."""
+    write_json_atomic(os.path.join(run_dir, CONFIG), config)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+
+def _records(path: str, lines: list[str]) -> list[dict]:
+    """The records of metrics lines; a torn last line (no newline, or not JSON) is dropped with a message."""
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            if i == len(lines) - 1:
+                print(f"{path}: dropped a torn last line ({len(line)} characters), left by an interrupted write")
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics record; the log is damaged, start a new run "
+                             "with --overwrite.")
+        records.append(rec)
+    return records
 
 
 class MetricsLog:
-    """Append-only JSON lines; on resume, drops the lines logged after the checkpoint's step."""
+    """Append-only JSON lines. On resume the lines after the checkpoint's step go, and `drop` keys go from the
+    record of that step (an evaluation logged only because a shorter run ended there)."""
 
-    def __init__(self, run_dir: str, resume_step: int | None = None):
+    def __init__(self, run_dir: str, resume_step: int | None = None, drop: tuple[str, ...] = ()):
         self.path = os.path.join(run_dir, METRICS)
         if resume_step is None:
             open(self.path, "w").close()
-        elif os.path.exists(self.path):
+            return
+        lines = []
+        if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-
-    def drop_keys(self, step: int, keys: tuple[str, ...]) -> None:
-        """Remove keys from the record of `step` (an evaluation logged only because a shorter run ended there)."""
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(self.path, "w") as f:
-            for rec in records:
-                if rec["step"] == step:
-                    rec = {k: v for k, v in rec.items() if k not in keys}
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+                lines = [line for line in f if line.strip()]
+        kept = [r for r in _records(self.path, lines) if r["step"] <= resume_step]
+        if [r["step"] for r in kept] != list(range(1, resume_step + 1)):
+            raise ValueError(f"{self.path} holds steps {[r['step'] for r in kept][-3:]}... up to the checkpoint's "
+                             f"step {resume_step}, not each of 1..{resume_step}: the log does not belong to this "
+                             "checkpoint; start a new run with --overwrite.")
+        kept[-1:] = [{k: v for k, v in r.items() if k not in drop} for r in kept[-1:]]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        with open(self.path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def sync(self) -> None:
+        """Make the lines written so far durable (before a checkpoint refers to them)."""
+        with open(self.path, "a") as f:
+            os.fsync(f.fileno())
+
 
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, METRICS)) as f:
         return [json.loads(line) for line in f if line.strip()]
+

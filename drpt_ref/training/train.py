@@ -5,6 +5,7 @@
     drpt train --paradigm sft --method less --less-mode offline --out runs/sft-less   # a selection baseline
     drpt train --paradigm hpt --method hpt --hpt-gamma 0 --out runs/hpt                 # Hybrid Post-Training
     drpt train ... --resume            # continue an interrupted run: ends bitwise equal to an uninterrupted one
+    drpt train ... --overwrite         # a new run into the folder of an old one (never done without the flag)
 
 The loop reads top to bottom: config, data, model, then for each step: draw the units (seeded by
 the step), build the unit batches of the paradigm, take the Dr step (training/dr_step.py), log, evaluate
@@ -12,12 +13,15 @@ the held-out target task at intervals, checkpoint. The paradigms differ only in 
 and how a batch is built (training/train_data.py, training/hpt.py); the method only in how (alpha, w) is chosen: a
 projection onto its feasible set (core/methods.py), or a weight rule looked up by name in the registry
 (training/rules.py: random, less, rds, adapt, adapt_softmax, hpt). A rule's state (LESS's offline subset,
-ADAPT's anchor centroid) is saved with each checkpoint in rule_state.json, so --resume stays exact.
+ADAPT's anchor centroid) is saved inside each checkpoint, so --resume stays exact.
 
-Outputs in --out: config.json, metrics.jsonl (step, losses, objective, alpha, weights per general
-unit with its source task and group, time per phase, held-out target accuracy and loss at
-intervals, method_info of a weight rule, batch_info: HPT's gate counts), checkpoint.safetensors
-(+ checkpoint.json, rule_state.json), final/ (the model, safetensors).
+Outputs in --out (training/run_state.py): drpt_run.json (the marker of a run folder), config.json,
+metrics.jsonl (step, losses, objective, alpha, weights per general unit with its source task and group,
+time per phase, held-out target accuracy and loss at intervals, method_info of a weight rule, batch_info:
+HPT's gate counts), checkpoint-NNNNNN/ (the last checkpoint, atomic, verified on --resume:
+training/checkpoint.py), final/ (the model and tokenizer, safetensors). Nothing is written before every
+flag, the --model folder (safetensors only) and, on --resume, the checkpoint are checked; --out may not
+overlap --model nor hold anything but a drpt run.
 
 Shapes: see training/train_data.py and training/dr_step.py.
 """
@@ -27,38 +31,42 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref.data.tasks import TARGET
-from drpt_ref.flags import add_config_arguments, check_device, check_positive_ints
+from drpt_ref.flags import add_config_arguments, check_device, check_finite, check_positive_ints
 from drpt_ref.losses.dpo import DPOLoss
 from drpt_ref.losses.grpo import GRPOLoss
 from drpt_ref.losses.sft import SFTLoss
 from drpt_ref.losses.unit_batch import token_logprobs
 from drpt_ref.training import dr_step as dr
+from drpt_ref.training.checkpoint import (
+    check_model_folder,
+    find_checkpoint,
+    load_checkpoint,
+    load_model_folder,
+    save_checkpoint,
+    save_final,
+)
 from drpt_ref.training.evaluate import evaluate_task
 from drpt_ref.training.hpt import HPTLoss, hpt_batch
 from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
 from drpt_ref.training.run_state import (
     MetricsLog,
-    checkpoint_step,
-    load_checkpoint,
-    save_checkpoint,
-    start_fresh,
+    check_out_folder,
+    check_resumed_config,
+    claim_folder,
     step_generator,
     write_config,
 )
 from drpt_ref.training.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
 
 PARADIGMS = ("sft", "dpo", "grpo", "hpt")
-RULE_STATE = "rule_state.json"
+LR_MAX = 10.0  # a larger step only diverges (and 1e300 would overflow on the first step)
 EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial")  # the held-out evaluation of a metrics record
 
 
@@ -77,7 +85,7 @@ class TrainConfig:
     target_size: int = 32  # the scarce target training set
     pool_size: int = 2000  # the general pool
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3  # learning rate of the covered parameters
+    lr: float = 1e-3  # learning rate of the covered parameters (0 < lr <= 10)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     k: float = 4.0  # topk / capped_simplex: units selected
     tau_rel: float = 0.5  # softmax: temperature relative to the spread of b
@@ -98,8 +106,9 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | float64 (float64 for solver-equivalence runs)
     device: str = "cpu"  # cpu | cuda
     model: str = "small_models/gpt2-tiny"  # the starting checkpoint (a local folder; nothing is downloaded)
-    out: str = "runs/default"  # run directory
-    resume: bool = False  # continue the run in --out from its last checkpoint
+    out: str = "runs/default"  # run directory (new, empty, or a drpt run; never inside --model)
+    resume: bool = False  # continue the run in --out from its last checkpoint (verified first)
+    overwrite: bool = False  # replace the drpt run in --out (checkpoint, metrics, final/); without it, refused
     progress: bool = True  # show a progress bar
     # ---- weight rules (training/rules.py): selection baselines, ADAPT, HPT -------------------------------------------
     less_mode: str = "online"  # less: online (top-k of each batch) | offline (a subset of the pool chosen once)
@@ -135,7 +144,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.paradigm in ("grpo", "hpt") and cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
                          "advantage is 0 and nothing trains).")
-    checks = [("lr", cfg.lr > 0, "> 0"), ("weight-decay", cfg.weight_decay >= 0, ">= 0"),
+    check_finite(cfg)
+    checks = [("lr", 0 < cfg.lr <= LR_MAX, f"in (0, {LR_MAX:g}]"), ("weight-decay", cfg.weight_decay >= 0, ">= 0"),
               ("k", cfg.k >= 1, ">= 1 (units selected; it is clipped to n at each step)"),
               ("tau-rel", cfg.tau_rel > 0, "> 0"), ("ridge-rel", cfg.ridge_rel >= 0, ">= 0"),
               ("radius-rel", cfg.radius_rel >= 0, ">= 0"), ("lam", 0 <= cfg.lam <= 1, "in [0, 1]"),
@@ -149,8 +159,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.weight_decay and cfg.optimizer != "adamw":
         raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
     check_device(cfg.device)
-    if not os.path.isdir(cfg.model):
-        raise ValueError(f"model={cfg.model!r} is not a folder; build it with `drpt build-model` or pass a path.")
+    check_model_folder(cfg.model, "--model")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
+    check_out_folder(cfg.out, "train", model=cfg.model, reuse=cfg.resume or cfg.overwrite)
 
 
 def unit_loss_of(cfg: TrainConfig):
@@ -197,66 +209,60 @@ def batch_info(general, target) -> dict:
     return {"sft_units_general": count(general), "sft_units_target": count(target)}
 
 
-def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, pool):
-    """The weight rule of cfg.method (None for a projection), prepared or resumed; and the pool to draw from."""
+def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, pool, resumed: dict | None):
+    """The weight rule of cfg.method (None for a projection), prepared or resumed from the checkpoint's extra
+    state `resumed` (None for a new run); and the pool to draw from."""
     gen = step_generator(cfg.seed, 0, 2)  # step 0: the offline work before training
     env = RuleEnv(cfg, tok, model, unit_loss, target_set, pool,
                   lambda units: build_batch(cfg, tok, model, ref_model, units, gen))
     rule = make_rule(cfg.method, env)
     if rule is None:
         return None, pool
-    path = os.path.join(cfg.out, RULE_STATE)
-    if cfg.resume and os.path.exists(path):
-        with open(path) as f:
-            rule.load_state_dict(json.load(f))
-    else:
+    if resumed is None:
         rule.prepare(env)
+    elif isinstance(resumed.get("rule_state"), dict):
+        rule.load_state_dict(resumed["rule_state"])
+    else:
+        raise ValueError(f"{find_checkpoint(cfg.out)}: the checkpoint holds no state of the weight rule "
+                         f"{cfg.method!r}; start a new run with --overwrite.")
     return rule, rule.restrict_pool(pool)
 
 
-def save_rule_state(run_dir: str, rule) -> None:
-    if rule is None:
-        return
-    tmp = os.path.join(run_dir, RULE_STATE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(rule.state_dict(), f)
-    os.replace(tmp, os.path.join(run_dir, RULE_STATE))
-
-
 def train(cfg: TrainConfig) -> str:
-    """Run (or resume) the training; return the run directory."""
+    """Run (or resume) the training; return the run directory. Everything is checked (flags, --model, --out,
+    on resume the config and the checkpoint) before anything is written."""
     check_config(cfg)
-    if cfg.resume:  # before anything is written: a missing checkpoint or too few --steps change nothing
-        done = checkpoint_step(cfg.out)
-        if cfg.steps < done:
-            raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({done}); "
-                             f"resume with --steps >= {done}.")
-    elif os.path.isdir(cfg.out):
-        removed = start_fresh(cfg.out, (RULE_STATE, "final"))
-        if removed:
-            print(f"new run in {cfg.out}: removed the previous run's {', '.join(removed)} "
-                  "(--resume continues a run instead)")
-    os.makedirs(cfg.out, exist_ok=True)
-    write_config(cfg.out, dataclasses.asdict(cfg), cfg.resume)
+    if cfg.resume:
+        if find_checkpoint(cfg.out) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r}; start without --resume.")
+        check_resumed_config(cfg.out, dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device, dtype).eval()
+    model, tok = load_model_folder(cfg.model, "--model")
+    model = model.to(cfg.device, dtype).eval()
     ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.paradigm in ("dpo", "grpo") else None
     params = dr.freeze_uncovered(model)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
     optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
-    start = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else 0
-    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None)
-    if cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps:  # evaluated only because a run ended there
-        log.drop_keys(start, EVAL_KEYS)
+    start, resumed = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else (0, None)
+    if cfg.steps < start:
+        raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({start}); "
+                         f"resume with --steps >= {start}.")
+    # ---- the run folder: claimed only now, after every check ------------------------------------------------------
+    if not cfg.resume:
+        removed = claim_folder(cfg.out, "train", overwrite=cfg.overwrite)
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {cfg.out}")
+    stale_eval = cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps  # evaluated as a run ended there
+    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None, drop=EVAL_KEYS if stale_eval else ())
+    write_config(cfg.out, dataclasses.asdict(cfg))
     # ---- data ------------------------------------------------------------------------------------------------
     target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
                                  cfg.pool_size, cfg.seed)
     unit_loss = unit_loss_of(cfg)
-    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool)
+    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)
     knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
     # ---- loop ------------------------------------------------------------------------------------------------
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
@@ -274,11 +280,15 @@ def train(cfg: TrainConfig) -> str:
             ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split="eval")
             rec.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_partial=ev["partial"])
             bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise ValueError(f"step {step}: the parameters are no longer finite (the run diverged); lower --lr "
+                             f"(now {cfg.lr:g}).")
         log.write(rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_rule_state(cfg.out, rule)
-            save_checkpoint(cfg.out, step, model, optimizer)
-    model.save_pretrained(os.path.join(cfg.out, "final"), safe_serialization=True)
+            log.sync()  # the log the checkpoint refers to is on disk first
+            save_checkpoint(cfg.out, step, model, optimizer,
+                            extra={} if rule is None else {"rule_state": rule.state_dict()})
+    save_final(cfg.out, model, tok)
     return cfg.out
 
 

@@ -23,13 +23,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drpt_ref.data.tasks import TARGET, general_pool, get_task
 from drpt_ref.experiments.bias_variance.measure import measure, spectrum
 from drpt_ref.gram.ghost import capture, ghost_joint_gram
 from drpt_ref.gram.layers import covered_parameters
 from drpt_ref.losses.sft import SFTLoss
+from drpt_ref.training.checkpoint import load_model_folder
 from drpt_ref.training.dr_step import freeze_uncovered
 from drpt_ref.training.train_data import sft_batch
 
@@ -67,8 +67,8 @@ def gpt2_problem(cfg: GPT2Config):
     S, n, N, R, m = cfg.general_draws, cfg.n_general, cfg.target_set, cfg.resamples, cfg.m_target
     if S * n > cfg.pool_size:
         raise ValueError(f"general_draws * n_general = {S * n} exceeds pool_size={cfg.pool_size}")
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model).to(torch.float64).eval()  # float64: exact Gram
+    model, tok = load_model_folder(cfg.model, "--model")  # safetensors only
+    model = model.to(torch.float64).eval()  # float64: exact Gram
     freeze_uncovered(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = general_pool(cfg.pool_size, cfg.seed, "train", "sft")

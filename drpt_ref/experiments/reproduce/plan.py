@@ -33,7 +33,7 @@ RETENTION_TASKS = ("add2", "carry", "copy")  # the helpful general tasks
 @dataclass
 class ReproduceConfig:
     mode: str = "quick"  # quick (CPU, minutes) | full (GPU scale)
-    out: str = "results/reproduce_quick"  # where runs, tables and plots go
+    out: str = "runs/reproduce_quick"  # where runs, tables and plots go (full: runs/reproduce_full; git ignores runs/)
     device: str = "cpu"  # cpu | cuda
     workers: int = 2  # parallel runs (processes), one torch thread each
     seeds: int = 3  # seeds per setting (full: 5)
@@ -44,10 +44,11 @@ class ReproduceConfig:
     retention_n: int = 60  # held-out prompts per helpful task for the retention check
     model: str = "small_models/gpt2-tiny"  # the starting model (full: LARGE_MODEL, `drpt build-model --config large`)
     progress: bool = True  # a progress bar over runs
+    keep_checkpoints: bool = False  # keep each run's checkpoint and final/ model (~10 MB a quick run) once summarized
 
 
 FULL = dict(seeds=5, steps=300, eval_n=500, retention_n=300, n_general=32, m_target=8, workers=1,
-            model=LARGE_MODEL)
+            model=LARGE_MODEL, out="runs/reproduce_full")
 # Settings that must be whole numbers >= 1 (0 would train nothing, leave a table without rows or a pool
 # without workers).
 POSITIVE_INTS = ("workers", "seeds", "steps", "n_general", "m_target", "eval_n", "retention_n")

@@ -1,10 +1,10 @@
 """`drpt reproduce`: the paper's claims in miniature, every method on every paradigm over several seeds.
 
-    drpt reproduce --quick --out results/reproduce_quick     # the README's main job: < 20 min on a 2-core CPU
-    drpt reproduce --full --device cuda --out results/full   # more steps and seeds, on the larger GPT-2
-                                                             # small_models/gpt2-large-repro (LARGE_MODEL of
-                                                             # experiments/build_model.py, built by
-                                                             # `drpt build-model --config large`)
+    drpt reproduce --quick                  # the README's main job: < 20 min on a 2-core CPU, into runs/reproduce_quick
+    drpt reproduce --quick --out results/reproduce_quick     # how the committed tables were written
+    drpt reproduce --full --device cuda     # more steps and seeds, on the larger GPT-2 small_models/gpt2-large-repro
+                                            # (LARGE_MODEL of experiments/build_model.py, built by
+                                            # `drpt build-model --config large`), into runs/reproduce_full
 
 The plan (`plan`) is a list of runs of `drpt train`: for SFT, DPO and GRPO, the Dr family globally
 (target, mean, mix, ball, topk, capped_simplex, simplex, softmax, cone, subspace) and per layer, the
@@ -15,6 +15,12 @@ command resumes after an interruption. A run is reused only if it was made with 
 (`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly);
 a run directory left by other settings (other --steps, --model, ...) is removed and the run trained
 again, with a log line saying so. Runs go to `workers` processes, one torch thread each.
+
+The output folder is marked as a reproduction (drpt_run.json, kind "reproduce"): a new or empty folder, or
+one of its own, never the --model folder nor a folder holding other files. The default is under runs/,
+which git ignores, so the committed results/ change only with an explicit --out. Once a run's summary is
+written its checkpoint and final model are removed (--keep-checkpoints keeps them): the quick job leaves
+tables, plots, metrics and summaries (~10 MB), not the 2.4 GB its 252 runs' checkpoints would take.
 
 Every run ends with the held-out target evaluation of `drpt train` (greedy exact match and answer
 loss on the target task's eval split) and a general-task retention check (accuracy on the helpful
@@ -49,8 +55,9 @@ from drpt_ref.experiments.reproduce.plan import (
     train_config,
 )
 from drpt_ref.experiments.reproduce.report import write_report
-from drpt_ref.flags import check_device, check_positive_ints, parse_bool
-from drpt_ref.training.run_state import PLACE_FIELDS
+from drpt_ref.flags import check_device, check_positive_ints, field_comments, parse_bool
+from drpt_ref.training.checkpoint import FINAL, check_model_folder, find_checkpoint, remove_checkpoints
+from drpt_ref.training.run_state import PLACE_FIELDS, check_out_folder, claim_folder, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +98,13 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
 
     Skipped: a summary made with the same settings (run_config) is returned as is. Resumed: an interrupted
     run with the same settings continues from its checkpoint. Anything else in the run's directory (made
-    with other settings) is removed first, with a log line naming what changed, and the run trained anew.
+    with other settings, or not marked as a drpt run) is removed first, with a log line naming why, and the
+    run trained anew. Unless cfg.keep_checkpoints, the checkpoint and final/ go once the summary is written.
     """
     import torch
     from transformers.utils import logging as hf_logging
 
-    from drpt_ref.training.evaluate import evaluate_tasks
+    from drpt_ref.training.evaluate import evaluate_tasks, load
     from drpt_ref.training.run_state import read_metrics
     from drpt_ref.training.train import train
 
@@ -106,21 +114,21 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     config = run_config(cfg, tcfg)
     summary_path = os.path.join(tcfg.out, "summary.json")
     changes = stale_run(tcfg.out, config)
+    if not changes and os.path.isdir(tcfg.out) and read_marker(tcfg.out) is None and os.listdir(tcfg.out):
+        changes = ["not marked as a drpt run (a folder from an older drpt)"]
     if changes:
         log.warning("run %s in %s was made with other settings (%s); removing it and training it again",
                     spec.name, tcfg.out, "; ".join(changes))
         shutil.rmtree(tcfg.out)
     summary = read_json(summary_path)
     if summary is not None:
+        drop_weights(cfg, tcfg.out)  # a run summarized just before an interruption
         return summary
-    resume = os.path.exists(os.path.join(tcfg.out, "checkpoint.json"))
+    resume = find_checkpoint(tcfg.out) is not None
     start = time.perf_counter()
-    train(dataclasses.replace(tcfg, resume=resume))
+    train(dataclasses.replace(tcfg, resume=resume, overwrite=not resume and os.path.isdir(tcfg.out)))
     wall = time.perf_counter() - start
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(tcfg.out, "final")).to(cfg.device).eval()
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model, tok = load(os.path.join(tcfg.out, FINAL), cfg.device, flag=f"the final model of run {spec.name}")
     retention = evaluate_tasks(model, tok, list(RETENTION_TASKS), n=cfg.retention_n, seed=0, split="eval")
     metrics = read_metrics(tcfg.out)
     last = metrics[-1]
@@ -133,9 +141,19 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
         "seconds_per_step": sum(step_seconds) / len(step_seconds), "wall_seconds": wall, "resumed": resume,
         "curve": [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in metrics if "eval_loss" in r],
     }
-    with open(summary_path, "w") as f:
+    with open(summary_path + ".tmp", "w") as f:
         json.dump(summary, f)
+    os.replace(summary_path + ".tmp", summary_path)  # a summary is whole or absent
+    drop_weights(cfg, tcfg.out)
     return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
+
+
+def drop_weights(cfg: ReproduceConfig, run_dir: str) -> None:
+    """Remove a summarized run's checkpoint and final/ model, unless --keep-checkpoints."""
+    if not cfg.keep_checkpoints:
+        remove_checkpoints(run_dir)
+        if os.path.isdir(os.path.join(run_dir, FINAL)):
+            shutil.rmtree(os.path.join(run_dir, FINAL))
 
 
 def check_config(cfg: ReproduceConfig) -> None:
@@ -147,10 +165,13 @@ def check_config(cfg: ReproduceConfig) -> None:
     if not os.path.isdir(cfg.model):
         raise ValueError(f"--model {cfg.model!r} is not a folder; build it with `drpt build-model` (for --full: "
                          f"`drpt build-model --config large --device cuda`, which writes {LARGE_MODEL}).")
+    check_model_folder(cfg.model, "--model")
+    check_out_folder(cfg.out, "reproduce", model=cfg.model, reuse=True)
 
 
 def reproduce(cfg: ReproduceConfig) -> list[dict]:
     check_config(cfg)
+    claim_folder(cfg.out, "reproduce")
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     specs = plan(cfg)
     summaries = []
@@ -170,20 +191,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="CPU scale (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="GPU scale")
     parser.set_defaults(mode="quick")
+    comments = field_comments(ReproduceConfig)
     for f in dataclasses.fields(ReproduceConfig):
         if f.name == "mode":
             continue
         kind = {"int": int, "str": str, "bool": parse_bool}[f.type]
+        extra = dict(nargs="?", const=True, metavar="BOOL") if f.type == "bool" else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"(default: {f.default}; --full changes some)")
+                            help=f"{comments.get(f.name, '')} (default: {f.default}; --full changes some)", **extra)
 
 
 def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReproduceConfig)
              if f.name != "mode" and getattr(args, f.name) is not None}
     defaults = FULL if args.mode == "full" else {}
-    if args.mode == "full" and "out" not in given:
-        given["out"] = "results/reproduce_full"
     cfg = ReproduceConfig(mode=args.mode, **{**defaults, **given})
     summaries = reproduce(cfg)
     print(write_report(cfg, summaries))

@@ -1,0 +1,385 @@
+"""Atomic checkpoints that are verified before they are resumed, and safetensors-only loading of model folders.
+
+A checkpoint is one folder, `checkpoint-000012/` (the step, six digits or more), holding
+    tensors.safetensors   model parameters ("model.NAME"; tied weights once) and optimizer tensors
+                          ("optim.PARAM.KEY")
+    state.json            {"format", "step", "optimizer": {"class", "scalars"}, "extra"}: the optimizer's
+                          non-tensor state and what the caller stores with it (a weight rule's state)
+    manifest.json         written last: the step and every other file with its size and SHA-256
+
+It is written into `checkpoint.tmp/` (files fsynced, manifest last) and published by one rename to its
+step's name; only then is the previous checkpoint folder removed. A kill at any moment therefore leaves
+the previous checkpoint, the new one, or both (resume takes the newest and removes the rest), never a
+mixture. `load_checkpoint` refuses, naming the file and what is wrong, a checkpoint whose manifest does
+not match its files byte for byte, whose steps disagree (folder name, manifest, state.json), or whose
+tensors do not fit the model and optimizer (names, shapes, dtypes; every optimizer slot that one step of
+this optimizer creates must be there). Nothing is restored until everything is checked.
+
+Model folders (`--model`, a run's final/) are loaded from safetensors only, with no remote code:
+`check_model_folder` refuses a folder without safetensors weights (a pickle `pytorch_model.bin` is never
+read) and says why. `save_final` publishes a run's final/ model by renames, like a checkpoint.
+
+Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+PREFIX = "checkpoint-"
+TMP = "checkpoint.tmp"
+FINAL = "final"
+FORMAT = 1  # the layout above; a checkpoint of another format is refused
+_NAME = re.compile(r"checkpoint-(\d{6,})")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what a model folder must hold
+
+
+# ---- file operations: every write of a save goes through these (tests interrupt each in turn) -----------------
+
+def _write(path: str, data: bytes) -> None:
+    """Write a whole file and make it durable before anything refers to it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _make_dir(path: str) -> None:
+    os.mkdir(path)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.rename(src, dst)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _sync_dir(path: str) -> None:
+    """fsync a folder, so the names created or renamed in it survive a crash of the machine."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """A JSON file replaced in one rename: a reader sees the old file or the new one, never half of one."""
+    _write(path + ".tmp", (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    os.replace(path + ".tmp", path)
+
+
+# ---- save ---------------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _tensors_and_scalars(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (GPT-2's wte = lm_head) are stored once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            tensors[f"model.{k}"] = v.detach().contiguous().cpu()
+    names = {id(p): n for n, p in model.named_parameters()}
+    scalars: dict[str, dict] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(names[id(p)], {})[key] = value
+    return tensors, scalars
+
+
+def manifest_of(folder: str, step: int) -> dict:
+    """The manifest of the files in `folder` (all but the manifest itself): size and SHA-256 of each."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        if name != MANIFEST:
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"format": FORMAT, "step": step, "files": files}
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict | None = None) -> str:
+    """Write the checkpoint of `step` atomically (see the module docstring); return its folder."""
+    tensors, scalars = _tensors_and_scalars(model, optimizer)
+    state = {"format": FORMAT, "step": step, "extra": extra or {},
+             "optimizer": {"class": type(optimizer).__name__, "scalars": scalars}}
+    blobs = {TENSORS: save_tensors(tensors), STATE: json.dumps(state, sort_keys=True).encode()}
+    manifest = {"format": FORMAT, "step": step,
+                "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()}}
+    tmp, dest = os.path.join(run_dir, TMP), os.path.join(run_dir, checkpoint_name(step))
+    if os.path.lexists(tmp):
+        _remove(tmp)  # left by a save that was interrupted
+    _make_dir(tmp)
+    for name, data in blobs.items():
+        _write(os.path.join(tmp, name), data)
+    _write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())  # last
+    _sync_dir(tmp)
+    if os.path.lexists(dest):
+        _remove(dest)
+    _rename(tmp, dest)  # the publication: one rename
+    _sync_dir(run_dir)
+    for old in checkpoint_folders(run_dir):
+        if old != dest:
+            _remove(old)
+    return dest
+
+
+# ---- find, verify, load -------------------------------------------------------------------------------------
+
+def checkpoint_folders(run_dir: str) -> list[str]:
+    """The published checkpoint folders of a run, oldest first (a half-written checkpoint.tmp is not one)."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir)
+             if (m := _NAME.fullmatch(name)) and os.path.isdir(os.path.join(run_dir, name))]
+    return [os.path.join(run_dir, name) for _, name in sorted(found)]
+
+
+def find_checkpoint(run_dir: str) -> str | None:
+    """The newest published checkpoint folder of the run, or None."""
+    folders = checkpoint_folders(run_dir)
+    return folders[-1] if folders else None
+
+
+def remove_checkpoints(run_dir: str, keep: str | None = None) -> list[str]:
+    """Remove every checkpoint folder of the run (and a half-written one) but `keep`; return their names."""
+    gone = []
+    for path in checkpoint_folders(run_dir) + [os.path.join(run_dir, TMP)]:
+        if path != keep and os.path.lexists(path):
+            _remove(path)
+            gone.append(os.path.basename(path))
+    return gone
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete.") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the {what} object.")
+    return obj
+
+
+def _need(obj: dict, path: str, key: str, kind: type):
+    if key not in obj:
+        raise ValueError(f"{path} has no {key!r}.")
+    if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+        raise ValueError(f"{path}: {key!r} is {obj[key]!r}, not a {kind.__name__}.")
+    return obj[key]
+
+
+def _verified_files(folder: str) -> tuple[int, dict[str, bytes]]:
+    """(step, {file: bytes}) of a checkpoint folder whose files match its manifest byte for byte."""
+    step = int(_NAME.fullmatch(os.path.basename(folder)).group(1))
+    mpath = os.path.join(folder, MANIFEST)
+    manifest = _read_json(mpath, "manifest")
+    if _need(manifest, mpath, "format", int) != FORMAT:
+        raise ValueError(f"{mpath}: format {manifest['format']}, this drpt reads format {FORMAT}.")
+    if _need(manifest, mpath, "step", int) != step:
+        raise ValueError(f"{mpath}: step {manifest['step']}, but the folder is named for step {step}.")
+    listed = _need(manifest, mpath, "files", dict)
+    present = set(os.listdir(folder)) - {MANIFEST}
+    if set(listed) != {TENSORS, STATE} or present != set(listed):
+        raise ValueError(f"{mpath} lists {sorted(listed)}; the folder holds {sorted(present)}; a checkpoint is "
+                         f"exactly {[TENSORS, STATE]}.")
+    blobs = {}
+    for name, entry in listed.items():
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        if not isinstance(entry, dict) or len(data) != entry.get("size") or \
+                hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            said = entry if not isinstance(entry, dict) else f"{entry.get('size')} bytes, SHA-256 " \
+                f"{str(entry.get('sha256'))[:12]}..."
+            raise ValueError(f"{path}: {len(data)} bytes that do not match {mpath} ({said}): the file was damaged "
+                             "or changed after it was written; restore it or start a new run with --overwrite.")
+        blobs[name] = data
+    return step, blobs
+
+
+def _optimizer_slots(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict:
+    """What one step of this optimizer stores for `param`: key -> (shape, dtype) of a tensor, or None for a
+    non-tensor. Found by stepping a fresh optimizer of the same class and options on a (2, 3) probe."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    options = {k: v for k, v in group.items() if k != "params" and k in accepted}
+    probe = torch.zeros(2, 3, dtype=param.dtype, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    opt = type(optimizer)([probe], **options)
+    opt.step()
+    slots = {}
+    for key, value in opt.state[probe].items():
+        if torch.is_tensor(value):
+            slots[key] = (tuple(param.shape) if tuple(value.shape) == (2, 3) else tuple(value.shape), value.dtype)
+        else:
+            slots[key] = None
+    return slots
+
+
+def _shape_dtype(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _check_tensors(path: str, tensors: dict, state_path: str, state: dict, model, optimizer) -> dict:
+    """The model's state (name -> tensor) from `tensors`, after every name, shape and dtype is checked."""
+    expected, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            expected[k] = v
+    stored = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} holds the tensors of another model: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all); resume with the --model "
+                      "the run started from.")
+    for k, v in stored.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise ValueError(f"{path}: 'model.{k}' has {_shape_dtype(v)}, the model's has {_shape_dtype(expected[k])}; "
+                          "resume with the run's --model and --dtype.")
+    opt = state["optimizer"]
+    if opt.get("class") != type(optimizer).__name__ or not isinstance(opt.get("scalars"), dict):
+        raise ValueError(f"{state_path}: the optimizer state is of {opt.get('class')!r}, this run uses "
+                         f"{type(optimizer).__name__}; resume with the run's --optimizer.")
+    names = {id(p): n for n, p in model.named_parameters()}
+    wanted = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            for key, slot in _optimizer_slots(optimizer, group, p).items():
+                if slot is None:
+                    if key not in opt["scalars"].get(name, {}):
+                        raise ValueError(f"{state_path}: no optimizer value {key!r} for {name!r}.")
+                    continue
+                tname = f"optim.{name}.{key}"
+                wanted.add(tname)
+                if tname not in tensors:
+                    raise ValueError(f"{path}: the optimizer tensor {tname!r} is missing (a resume would start a "
+                                  "fresh optimizer state and end elsewhere than the uninterrupted run).")
+                if (tuple(tensors[tname].shape), tensors[tname].dtype) != slot:
+                    raise ValueError(f"{path}: {tname!r} has {_shape_dtype(tensors[tname])}, expected shape "
+                                     f"{slot[0]} {str(slot[1]).removeprefix('torch.')}.")
+                if key == "step" and float(tensors[tname]) != state["step"]:  # one optimizer step per training step
+                    raise ValueError(f"{path}: the optimizer has taken {float(tensors[tname]):g} steps but the "
+                                     f"checkpoint says step {state['step']} ({state_path}).")
+    unknown = sorted(set(tensors) - wanted - {f"model.{k}" for k in stored})
+    if unknown:
+        raise ValueError(f"{path}: tensors this model and optimizer do not have: {unknown[:3]}.")
+    return stored
+
+
+def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Verify the newest checkpoint of run_dir against its manifest, the model and the optimizer; restore the
+    parameters and optimizer state in place; remove older checkpoints; return (step, extra).
+
+    FileNotFoundError when the run has no checkpoint; ValueError naming the file when it cannot be resumed."""
+    folder = find_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} (no {PREFIX}NNNNNN folder); "
+                                "start without --resume.")
+    step, blobs = _verified_files(folder)
+    spath, tpath = os.path.join(folder, STATE), os.path.join(folder, TENSORS)
+    try:
+        state = json.loads(blobs[STATE])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{spath} is not valid JSON ({err}).") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{spath} holds a JSON {type(state).__name__}, not the checkpoint state object.")
+    if _need(state, spath, "step", int) != step or _need(state, spath, "format", int) != FORMAT:
+        raise ValueError(f"{spath}: step {state['step']} (format {state['format']}), but the checkpoint is of step "
+                         f"{step} (format {FORMAT}).")
+    _need(state, spath, "optimizer", dict)
+    extra = _need(state, spath, "extra", dict)
+    try:
+        tensors = load_tensors(blobs[TENSORS])
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{tpath} is not a readable safetensors file ({err}).") from None
+    model_state = _check_tensors(tpath, tensors, spath, state, model, optimizer)
+    model.load_state_dict(model_state, strict=False)  # tied weights: the one stored copy fills both names
+    names = {id(p): n for n, p in model.named_parameters()}
+    scalars = state["optimizer"]["scalars"]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            slot = {key.rsplit(".", 1)[-1]: v.to(p.device) for key, v in tensors.items()
+                    if key.startswith(f"optim.{name}.") and key.count(".") == name.count(".") + 2}
+            slot.update(scalars.get(name, {}))
+            if slot:
+                optimizer.state[p] = slot
+    remove_checkpoints(run_dir, keep=folder)
+    return step, extra
+
+
+# ---- model folders: safetensors only --------------------------------------------------------------------------
+
+def check_model_folder(path: str, flag: str = "--model") -> None:
+    """Refuse a model folder that drpt would not load: missing, not a folder, no config.json, or no
+    safetensors weights (a pickle checkpoint such as pytorch_model.bin is never loaded: it can run code)."""
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path!r}: no such folder; build one with `drpt build-model` or pass a path.")
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file; pass the model's folder (config.json + model.safetensors).")
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        raise ValueError(f"{flag} {path!r} has no config.json: not a saved model folder.")
+    if not names & set(WEIGHTS):
+        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        why = (f"it holds {', '.join(pickles)}, a pickle, which drpt never loads (unpickling can run code); "
+               "convert it to safetensors (model.save_pretrained(folder, safe_serialization=True))") if pickles \
+            else "it holds no model.safetensors"
+        raise ValueError(f"{flag} {path!r}: no safetensors weights: {why}.")
+
+
+def load_model_folder(path: str, flag: str = "--model", tokenizer_from: str | None = None):
+    """(model, tokenizer) of a local model folder: safetensors weights only, no download, no remote code.
+    The tokenizer is read from `tokenizer_from` when given (a run's final/ may hold the weights alone)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_folder(path, flag)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_from or path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {path!r} could not be loaded: {err}") from None
+    return model, tok
+
+
+def save_final(run_dir: str, model, tok) -> str:
+    """Publish the run's final model (safetensors, config, tokenizer) as final/, written beside it first."""
+    dest, tmp, old = (os.path.join(run_dir, FINAL + s) for s in ("", ".tmp", ".old"))
+    for path in (tmp, old):
+        if os.path.lexists(path):
+            _remove(path)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if os.path.lexists(dest):
+        _rename(dest, old)
+    _rename(tmp, dest)
+    if os.path.lexists(old):
+        _remove(old)
+    return dest
