@@ -60,7 +60,7 @@ class Crash(BaseException):
     """A kill: nothing in the program catches it."""
 
 
-OPS = ("_write", "_make_dir", "_rename", "_remove", "_sync_dir")
+OPS = ("_write", "_make_dir", "_rename", "remove_path", "_sync_dir")
 
 
 class Faults:
@@ -115,7 +115,7 @@ def test_a_save_interrupted_at_each_file_operation_resumes_exactly(runs, tmp_pat
         _resume(runs, out)
         _assert_same_as_straight(runs, out)
         assert sorted(os.listdir(out)) == sorted(os.listdir(runs["straight"]))  # no leftovers
-    assert len(interrupted) >= 8 and {"_write", "_rename", "_remove", "_sync_dir"} <= set(interrupted), interrupted
+    assert len(interrupted) >= 8 and {"_write", "_rename", "remove_path", "_sync_dir"} <= set(interrupted), interrupted
 
 
 # ---- damaged checkpoints ------------------------------------------------------------------------------------

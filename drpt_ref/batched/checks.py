@@ -31,6 +31,9 @@ def check_batch(K, b, c, validate: str = "cheap"):
             raise ValueError(f"{name} must be a torch tensor for project_batched (use drpt_ref.project for numpy).")
         if x.is_complex() or not x.is_floating_point():
             raise ValueError(f"{name} must be a real floating tensor (float32 or float64), got {x.dtype}.")
+        if x.is_meta:
+            raise ValueError(f"{name} is on the 'meta' device (shapes only, no values); pass tensors that hold "
+                             "values, e.g. on 'cpu' or 'cuda'.")
     if K.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"K has dtype {K.dtype}; project_batched solves in float32 or float64, cast K first.")
     if K.ndim != 3 or K.shape[-1] != K.shape[-2]:
@@ -62,11 +65,18 @@ def check_batch(K, b, c, validate: str = "cheap"):
     b64, c64, d64 = b.double(), c.double().unsqueeze(-1), d.double()  # (B, n), (B, 1), (B, n)
     cd = c64 * d64.clamp_min(0.0)  # (B, n)
     minor_b = (b64 * b64 - cd - tol * cd).amax(-1)  # (B,) > 0: a minor is negative
+    # the 2 x 2 minors of K, K_ij^2 <= K_ii K_jj (1 + tol), as |correlation| <= 1 + tol; O(B n^2), eq. (15')
+    inv = torch.where(d64 > 0, d64.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(d64))
+    minor_K = (K.double() * inv.unsqueeze(-1) * inv.unsqueeze(-2)).abs().amax((-2, -1)) - 1.0 - tol  # (B,)
+    # Cauchy-Schwarz through g_T at the diagonal Newton point v = b / diag(K): (b^T v)^2 <= c v^T K v, eq. (15'')
+    v = b64 * inv * inv  # (B, n)
+    bv, vKv = (b64 * v).sum(-1), (v * (K.double() @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)  # (B,)
+    minor_v = bv * bv - c64.squeeze(-1) * vKv * (1.0 + tol)  # (B,) > 0: [[c, b^T], [b, K]] is not PSD
     flags = torch.stack([
         ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
         (asym > SYMMETRY_RTOL[K.dtype]).any(),
-        (d.amin(-1) / scale < -tol).any(),
-        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any(),
+        (d.amin(-1) / scale < -tol).any() | (minor_K > 0).any(),
+        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any() | (minor_v > 0).any(),
         (asym > 0).any(),
     ]).tolist()  # the one host round-trip
     for name, bad in zip("Kbc", flags[:3]):
@@ -77,20 +87,38 @@ def check_batch(K, b, c, validate: str = "cheap"):
         raise ValueError(f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "
                          f"{SYMMETRY_RTOL[K.dtype]:.0e}); pass K = G^T G, or symmetrize it with (K + K^T) / 2.")
     if flags[4]:
-        raise ValueError("K is not PSD (a negative diagonal entry); K must be a Gram matrix: compute K = G^T G "
+        raise ValueError("K is not PSD (a negative diagonal entry, or K_ij^2 > K_ii K_jj); K must be a Gram matrix: "
+                         "compute K = G^T G "
                          "from the per-sample gradients (validate='full' tests every eigenvalue).")
     if flags[5]:
-        raise ValueError("b and c do not match K: c < 0 or b_i^2 > c K_ii (the joint Gram [[c, b^T], [b, K]] of "
+        raise ValueError("b and c do not match K: c < 0, b_i^2 > c K_ii or (b^T v)^2 > c v^T K v (the joint Gram "
+                         "[[c, b^T], [b, K]] of "
                          "(g_T, G) is not PSD); compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T.")
     return (0.5 * (K + K.mT) if flags[6] else K), b, c  # symmetrize only where it changes K
 
 
+def _in_range(method: str, name: str, value: float, dtype: torch.dtype) -> None:
+    """A parameter the solver's dtype cannot hold is refused by name, never left to overflow inside."""
+    top = torch.finfo(dtype).max
+    if isinstance(value, float) and abs(value) > top / 16:  # with headroom for the solver's own products
+        raise ValueError(f"{name}={value:g} for method {method!r} is outside the range of {dtype} "
+                         f"(max {top:.1e}); pass float64 K, b, c, or a smaller {name}.")
+
+
 def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Tensor) -> dict:
-    """Fill defaults and validate; each parameter comes back as a (B,) tensor (k of topk: int64)."""
+    """Fill defaults and validate; each parameter comes back as a (B,) tensor (k of topk: int64).
+
+    Raises ValueError naming the parameter: a bad value (check_scalar_param), a wrong shape, or a value
+    outside the range of the data's dtype. A softmax tau below the dtype's smallest number is kept in
+    float64 (`tau64`) so that a tiny tau is top-1, not 0 / 0.
+    """
     out = {}
     for name, value in fill_params(method, params).items():
         if not isinstance(value, torch.Tensor):
             value = check_scalar_param(method, name, value, n)
+            _in_range(method, name, value, like.dtype)
+            if name == "tau":
+                out["tau64"] = torch.full((B,), float(value), dtype=torch.float64, device=like.device)
             dtype = torch.long if (method, name) == ("topk", "k") else like.dtype
             out[name] = torch.full((B,), value, dtype=dtype, device=like.device)
             continue
@@ -104,8 +132,11 @@ def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Te
         for i, v in enumerate(values):
             try:
                 check_scalar_param(method, name, v, n)
+                _in_range(method, name, v, like.dtype)
             except ValueError as err:
                 raise ValueError(f"{name}[{i}]: {err}") from None
+        if name == "tau":
+            out["tau64"] = value.to(device=like.device, dtype=torch.float64)
         dtype = torch.long if (method, name) == ("topk", "k") else like.dtype
         out[name] = value.to(device=like.device, dtype=dtype)
     return out

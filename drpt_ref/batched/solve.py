@@ -19,6 +19,7 @@ Shapes:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -26,20 +27,23 @@ from drpt_ref.batched.checks import check_batch, check_batch_params, warn_not_co
 from drpt_ref.batched.polish import bmv
 from drpt_ref.batched.projections import lmo_value, topk_vertex
 from drpt_ref.batched.qp import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_qp
+from drpt_ref.core.certificate import ITERATIVE, accurate_objective, certify, clean_weights, tolerances
 from drpt_ref.core.direction import Direction
 from drpt_ref.core.methods import check_solver_options
+from drpt_ref.core.project import project
 
 # eq. (14): ridge of the subspace Cholesky relative to the Jacobi-scaled K (unit diagonal), removed
 # again by REFINE_STEPS steps of iterative refinement; see theory/batched_solvers.md, section 4.
 SUBSPACE_RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 REFINE_STEPS = 3
-SUBSPACE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}  # relative KKT residual, eq. (14)
 
 
 def gram_objective_batched(K, b, c, alpha, w):
-    """Eq. (2) for a batch. (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,)"""
-    beta = 1.0 - alpha
-    return 0.5 * (w * bmv(K, w)).sum(-1) - beta * (b * w).sum(-1) + 0.5 * beta * beta * c
+    """Eq. (2) for a batch, in twice float64's precision, never negative (core/certificate.accurate_objective).
+
+    (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,) in K's dtype
+    """
+    return accurate_objective(K, b, c, alpha, w).to(K.dtype)
 
 
 def _solve_subspace(K, b, ridge):
@@ -70,8 +74,43 @@ def _solve_subspace(K, b, ridge):
     return a * x, resid / scale.clamp_min(torch.finfo(K.dtype).tiny)
 
 
+def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
+    """Clean w onto the set, certify every problem on (K, b, c) as given (core/certificate.py); re-solve the
+    problems that fail with the exact solver in float64 and keep whichever answer certifies better.
+    Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n)."""
+    cap = {"simplex": torch.ones_like(c), "capped_simplex": 1.0 / p["k"] if "k" in p else None}.get(method)
+    ridge = p.get("ridge")
+    if method in ("cone", "subspace"):  # a zero unit adds nothing to the set: its weight is 0
+        w = torch.where(K.diagonal(dim1=-2, dim2=-1) > 0, w, torch.zeros_like(w))
+    w = clean_weights(method, w, cap)
+    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype)
+    failed = (~cert["passed"]).nonzero().flatten().tolist() if repair else []  # one host read
+    for i in failed:  # the exact rung of the ladder, one problem at a time (rare: degenerate data)
+        params = {"k": float(p["k"][i])} if method == "capped_simplex" else (
+            {"ridge": float(ridge[i])} if method == "subspace" else {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = project(K[i].cpu(), b[i].cpu(), c[i].cpu(), method, **params)  # checked in the input's dtype
+        w_i = torch.as_tensor(exact.weights, dtype=w.dtype, device=w.device).unsqueeze(0)  # (1, n)
+        w_i = clean_weights(method, w_i, None if cap is None else cap[i:i + 1])
+        one = certify(K[i:i + 1], b[i:i + 1], c[i:i + 1], method, w_i, cap=None if cap is None else cap[i:i + 1],
+                      ridge=None if ridge is None else ridge[i:i + 1], dtype=K.dtype)
+        if bool(one["passed"][0]) or float(one["certificate"][0]) < float(cert["certificate"][i]):
+            w[i] = w_i[0]
+            for key in ("passed", "certificate", "feasibility"):
+                cert[key][i] = one[key][0]
+    info.update(converged=cert["passed"], certificate=cert["certificate"].to(K.dtype),
+                certificate_kind=cert["certificate_kind"], feasibility=cert["feasibility"].to(K.dtype),
+                repaired=torch.zeros_like(cert["passed"]).index_fill_(
+                    0, torch.tensor(failed, dtype=torch.long, device=w.device), True))
+    tol = tolerances(K.dtype)[0]
+    warn_not_converged(method, cert["passed"], cert["certificate"], tol, info["iterations"].max().item(),
+                       cert["certificate_kind"])
+    return w
+
+
 def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=False, polish=True,
-                    validate="cheap", **params) -> Direction:
+                    validate="cheap", repair=True, **params) -> Direction:
     """Solve B projections at once; see the module docstring. Parameters: scalars or (B,) tensors.
 
     max_iter, tol: iteration limit and certificate tolerance of the iterative methods (simplex,
@@ -79,6 +118,12 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     certificate after each iteration (with the polish, the row of a check holds the polished certificate);
     polish=False turns off the active-set polish (to study FISTA alone).
     validate: "cheap" (O(B n^2), default) or "full" (the eigenvalue test of check_gram).
+    repair: simplex, capped_simplex, cone and subspace are certified on (K, b, c) as given after the solve
+    (core/certificate.py); True re-solves the problems that fail with the exact solver (`project`, float64,
+    one at a time) and keeps the better certified answer; False reports them as not converged.
+    info["converged"] (B,) is the certificate's verdict; info["repaired"] (B,) marks the re-solved problems.
+    Raises ValueError naming the argument for bad input (shapes, dtype, NaN/inf, meta tensors, a K or b, c
+    that cannot come from one G and g_T, parameters outside their range or the dtype's).
     """
     check_solver_options(max_iter, tol)
     K, b, c = check_batch(K, b, c, validate)
@@ -118,15 +163,18 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info["certificate_kind"] = "lp_gap_relative"
             info["program_value"] = lp
         elif method == "softmax":  # eq. (3): w = softmax(b / tau); certificate = entropic duality gap
-            tau = p["tau"].unsqueeze(-1)  # (B, 1)
-            b_max = b.amax(-1, keepdim=True)  # (B, 1)
-            s = (b - b_max) / tau  # (B, n) shifted: b / tau itself overflows for a tiny tau (then -inf here)
-            w = torch.softmax(s, dim=-1)
-            primal = (b * w).sum(-1) - tau.squeeze(-1) * torch.xlogy(w, n * w).sum(-1)
+            # in float64 (a closed form: cheap), with tau as given: a tau below float32's range is top-1, not 0/0
+            tau = p["tau64"].unsqueeze(-1)  # (B, 1)
+            b64 = b.double()  # (B, n)
+            b_max = b64.amax(-1, keepdim=True)  # (B, 1)
+            s = (b64 - b_max) / tau  # (B, n) shifted: b / tau itself overflows for a tiny tau (then -inf here)
+            w64 = torch.softmax(s, dim=-1)
+            primal = (b64 * w64).sum(-1) - tau.squeeze(-1) * torch.xlogy(w64, n * w64).sum(-1)
             dual = b_max.squeeze(-1) + tau.squeeze(-1) * (torch.logsumexp(s, dim=-1) - math.log(n))
-            info["certificate"] = (dual - primal).abs() / (b.abs().amax(-1) + tau.squeeze(-1))
+            info["certificate"] = ((dual - primal).abs() / (b64.abs().amax(-1) + tau.squeeze(-1))).to(dtype)
             info["certificate_kind"] = "entropic_duality_gap_relative"
-            info["program_value"] = primal
+            info["program_value"] = primal.to(dtype)
+            w = w64.to(dtype)
         elif method in ("simplex", "capped_simplex", "cone"):
             cap = {"simplex": torch.ones(B, dtype=dtype, device=device), "cone": None}.get(method)
             if method == "capped_simplex":
@@ -135,21 +183,18 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
             res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace)
             w = res.w
-            info.update(converged=res.converged, iterations=res.iterations, certificate=res.certificate,
-                        certificate_kind=res.certificate_kind)
+            info.update(iterations=res.iterations)
             if trace:
                 info["history"] = res.history
-            warn_not_converged(method, res.converged, res.certificate, tol, max_iter, res.certificate_kind)
         else:  # subspace, eq. (14)
             ridge = p["ridge"]
-            tol = SUBSPACE_TOL[dtype] if tol is None else float(tol)
-            w, resid = _solve_subspace(K, b, ridge)
-            info.update(certificate=resid, certificate_kind="kkt_residual_relative", converged=resid <= tol,
-                        iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
-            penalty = 0.5 * ridge * ((w - uniform) ** 2).sum(-1)  # (B,) the ridge term of the program
-            info["program_value"] = gram_objective_batched(K, b, c, zeros, w) + penalty
-            warn_not_converged(method, info["converged"], resid, tol, 1 + REFINE_STEPS, "kkt_residual_relative")
-        objective = gram_objective_batched(K, b, c, alpha, w)
+            w, _ = _solve_subspace(K, b, ridge)  # its residual is judged by the certificate below
+            info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
+        if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
+            w = _certify_and_repair(K, b, c, method, p, w, info, repair)
+        objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative
+        if method == "subspace":
+            info["program_value"] = objective + 0.5 * p["ridge"] * ((w - uniform) ** 2).sum(-1)  # the ridge term
         info.setdefault("program_value", objective)
     info = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in info.items()}
     return Direction(alpha=alpha.clone(), weights=w.clone(), objective=objective.clone(), info=info)

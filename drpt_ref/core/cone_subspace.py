@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import nnls
 
-from drpt_ref.core.direction import gram_factor, numerical_null
+from drpt_ref.core.certificate import certify_one
+from drpt_ref.core.direction import RANK_RTOL, gram_factor, numerical_null
 
 _TINY = np.finfo(float).tiny
 
@@ -94,20 +95,58 @@ def lawson_hanson(A, y, w, max_iter: int, dual_tol: float) -> np.ndarray:
     return w
 
 
+def _min_norm_solves(K, b):
+    """Candidate solutions of K w = b in Jacobi-scaled form, one per plausible rank (eq. (3') in theory/subspace.md).
+
+    Zero units (K_ii = 0) get w_i = 0. The rest is scaled to unit diagonal, Ks = A K A with
+    A = diag(K_ii^(-1/2)), so samples whose norms span decades are not cut as round-off; the
+    eigenvalues of Ks below the round-off of a float64 Gram matrix (eq. (6) in theory/notation.md)
+    and, as a second candidate, only those below n eps lambda_max are treated as zero. The caller
+    keeps the candidate with the better certificate. Yields w (n,).
+    """
+    n = K.shape[0]
+    live = np.diag(K) > 0  # (n,) a zero unit adds nothing to the span
+    if not live.any():
+        yield np.zeros(n)
+        return
+    a = 1.0 / np.sqrt(np.diag(K)[live])  # (l,)
+    lam, Q = np.linalg.eigh(a[:, None] * K[np.ix_(live, live)] * a[None, :])  # Ks = Q diag(lam) Q^T
+    qb = Q.T @ (a * b[live])  # (l,)
+    top = max(float(lam.max()), 0.0)
+    seen = set()
+    for floor in (RANK_RTOL * max(n, 10) * top, 4 * n * np.finfo(float).eps * top):
+        keep = lam > floor  # (l,)
+        if keep.sum() in seen:
+            continue
+        seen.add(int(keep.sum()))
+        w = np.zeros(n)
+        w[live] = a * (Q[:, keep] @ (qb[keep] / lam[keep]))  # minimum-norm in the scaled weights
+        yield w
+
+
 def solve_subspace(K, b, c, ridge: float = 0.0, tol: float = 1e-10):
-    """Least squares on the Gram factor (ridge = 0) or the ridge system; returns (0, w, info)."""
+    """The normal equations (ridge = 0) or the ridge system by eigendecomposition; returns (0, w, info).
+
+    ridge > 0: (K + ridge I) w = b + ridge/n 1 in the eigenbasis of K, with b's round-off part on
+    the null space of K set to zero (b lies in range(K)): a tiny ridge then gives the minimum-norm
+    solution pulled to 1/n along the null space, never a singular system (eq. (4') in theory/subspace.md).
+    The certificate is the cosine residual of theory/certificates.md, eq. (4).
+    """
     n = K.shape[0]
     if ridge > 0.0:
-        A = K + ridge * np.eye(n)  # (n, n) positive definite
-        rhs = b + ridge / n  # (n,) eq. (4) in theory/subspace.md
-        w = np.linalg.solve(A, rhs)
-        resid = np.abs(A @ w - rhs).max() / (np.abs(A).max() * np.abs(w).max() + np.abs(rhs).max() + _TINY)
-    else:
         lam, Q = np.linalg.eigh(K)  # K = Q diag(lam) Q^T
-        keep = ~numerical_null(lam, n)  # (n,) the range of K, eq. (6) in theory/notation.md
-        w = Q[:, keep] @ ((Q[:, keep].T @ b) / lam[keep])  # (n,) minimum-norm K^+ b, eq. (3) in theory/subspace.md
-        # normal equations K w = b, relative to the size of the terms (b lies in range(K))
-        resid = np.abs(K @ w - b).max() / (np.abs(K).max() * np.abs(w).max() + np.abs(b).max() + _TINY)
-    info = {"converged": bool(resid <= tol), "iterations": 0, "certificate": float(resid),
-            "certificate_kind": "normal_equations_residual"}
+        null = numerical_null(lam, n)  # (n,)
+        qb = np.where(null, 0.0, Q.T @ b)  # (n,)
+        rhs = qb + ridge / n * Q.sum(axis=0)  # (n,) Q^T (b + ridge/n 1)
+        candidates = [Q @ (rhs / (np.where(null, 0.0, lam) + ridge))]
+    else:
+        candidates = list(_min_norm_solves(K, b))
+    best = None
+    for w in candidates:
+        cert = float(certify_one(K, b, c, "subspace", w, ridge=ridge)["certificate"])
+        if best is None or cert < best[1]:
+            best = (w, cert)
+    w, cert = best
+    info = {"converged": bool(cert <= tol), "iterations": 0, "certificate": cert,
+            "certificate_kind": "normal_equations_cosine_residual"}
     return 0.0, w, info

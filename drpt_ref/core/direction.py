@@ -85,15 +85,25 @@ def gram_factor(K, b, c) -> np.ndarray:
     The Gram matrix fixes the vectors up to a rotation: the columns of F are g_T, g_1, ..., g_n
     written in coordinates of their r-dimensional span (eq. (5) in theory/notation.md). Any
     program over d in span(g_T, G) can therefore be written with F in place of [g_T, G].
+    The rank is decided in correlation form C = D^(-1/2) J D^(-1/2), D = diag(J) (eq. (6')): a
+    short vector is a direction as clear as a long one, so vectors whose lengths span decades keep
+    their directions (a rank test on J itself would drop the short ones as round-off). Zero vectors
+    get zero columns.
     """
     n = K.shape[0]
     J = np.empty((n + 1, n + 1))  # (n+1, n+1)
     J[0, 0], J[0, 1:], J[1:, 0], J[1:, 1:] = c, b, b, K
-    lam, Q = np.linalg.eigh(J)  # J = Q diag(lam) Q^T
-    keep = ~numerical_null(lam, n + 1)  # (n+1,) round-off eigenvalues dropped, eq. (6)
-    if not keep.any():  # all vectors are zero: one zero row keeps the shapes valid
+    D = np.diag(J).copy()  # (n+1,) squared lengths of g_T, g_1..g_n
+    live = D > 0  # (n+1,) zero vectors stay out of the factorization
+    if not live.any():  # all vectors are zero: one zero row keeps the shapes valid
         return np.zeros((1, n + 1))
-    return np.sqrt(lam[keep])[:, None] * Q[:, keep].T  # (r, n+1), rank r
+    a = 1.0 / np.sqrt(D[live])  # (l,)
+    C = a[:, None] * J[np.ix_(live, live)] * a[None, :]  # (l, l) unit diagonal
+    lam, Q = np.linalg.eigh(C)  # C = Q diag(lam) Q^T
+    keep = ~numerical_null(lam, int(live.sum()))  # (l,) round-off eigenvalues dropped, eq. (6)
+    F = np.zeros((int(keep.sum()), n + 1))  # (r, n+1)
+    F[:, live] = (np.sqrt(lam[keep])[:, None] * Q[:, keep].T) / a[None, :]  # undo the scaling per column
+    return F
 
 
 def _kind_of(x):

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+import torch
+
 from drpt_ref.core import closed_forms, cone_subspace
-from drpt_ref.core.direction import Direction, as_input_kind, check_gram, gram_objective, program_value
+from drpt_ref.core.certificate import ITERATIVE, accurate_objective, certify_one, clean_weights, describe_failure
+from drpt_ref.core.direction import Direction, as_input_kind, check_gram, program_value
 from drpt_ref.core.methods import check_params, check_solver_options
 from drpt_ref.core.programs_cvxpy import solve_checked
 from drpt_ref.core.simplex_qp import solve_capped_simplex_qp
@@ -54,33 +58,75 @@ def _solve_exact(K, b, c, method, params, max_iter, tol):
     return cone_subspace.solve_subspace(K, b, c, ridge=params["ridge"], **opts)
 
 
+def _certified(K64, b64, c64, method, params, w, dtype):
+    """Clean w onto the set and certify it on the caller's data; returns (w, certificate dict)."""
+    cap = 1.0 / params["k"] if method == "capped_simplex" else (1.0 if method == "simplex" else None)
+    if method in ("cone", "subspace"):
+        w = np.where(np.diag(K64) > 0, w, 0.0)  # a zero unit adds nothing to the set: its weight is 0
+    t = torch.as_tensor(w, dtype=torch.float64).unsqueeze(0)
+    w = clean_weights(method, t, None if cap is None else torch.tensor([cap], dtype=torch.float64))[0].numpy()
+    return w, certify_one(K64, b64, c64, method, w, cap=cap, ridge=params.get("ridge"), dtype=dtype)
+
+
 def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None = None,
             tol: float | None = None, **params) -> Direction:
     """Project g_T onto the feasible set of `method`, given K = G^T G, b = G^T g_T, c = ||g_T||^2.
 
     Parameters by method: mix(lam), ball(radius), topk(k: int), capped_simplex(k: real),
     softmax(tau), subspace(ridge=0). `max_iter` and `tol` tune the iterative exact solvers.
-    Returns a Direction: alpha, weights w, objective 1/2 ||alpha g_T + G w - g_T||^2, and info
-    (method, solver, converged, iterations, certificate, certificate_kind, ...).
+    Returns a Direction: alpha, weights w, objective 1/2 ||alpha g_T + G w - g_T||^2 (computed in twice
+    float64's precision, never negative), and info (method, solver, converged, iterations, certificate,
+    certificate_kind, feasibility, ...).
+
+    For simplex, capped_simplex, cone and subspace the answer of either solver is certified afterwards
+    on (K, b, c) as given (core/certificate.py, theory/certificates.md): `converged` means the
+    certificate passed. A failed certificate gets one repair (the other solver, or the exact solver
+    again from the cleaned point), and the better certified answer is returned; if neither passes,
+    converged=False and a RuntimeWarning says why.
+    Raises ValueError for bad input (shapes, NaN/inf, a K that is not a Gram matrix, bad parameters).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is unknown; use one of {SOLVERS} (project_batched for torch batches).")
     check_solver_options(max_iter, tol)
     K64, b64, c64, kind = check_gram(K, b, c)
     params = check_params(method, params, K64.shape[0])
-    if solver == "cvxpy":
-        alpha, w, info = solve_checked(K64, b64, c64, method, params)  # checked above, in the input's dtype
-    else:
-        alpha, w, info = _solve_exact(K64, b64, float(c64), method, params, max_iter, tol)
+    dtype = kind[1] if kind[0] == "torch" else (torch.float64 if kind[1] == np.float64 else torch.float32)
+
+    def solve(which):
+        if which == "cvxpy":
+            return solve_checked(K64, b64, c64, method, params)  # checked above, in the input's dtype
+        return _solve_exact(K64, b64, float(c64), method, params, max_iter, tol)
+
+    alpha, w, info = solve(solver)
     info = {"method": method, "solver": solver, "params": params, **info}
-    objective = gram_objective(K64, b64, float(c64), alpha, w)  # eq. (2) in theory/notation.md
+    if method in ITERATIVE:
+        w, cert = _certified(K64, b64, float(c64), method, params, w, dtype)
+        if not cert["passed"]:  # repair: the other rung of the ladder, and keep the better certified answer
+            other = "cvxpy" if solver == "exact" else "exact"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, w2, info2 = solve(other)
+            w2, cert2 = _certified(K64, b64, float(c64), method, params, w2, dtype)
+            if cert2["passed"] or cert2["certificate"] < cert["certificate"]:
+                w, cert = w2, cert2
+                info.update(repaired_by=other, iterations=info2.get("iterations"))
+        info.update(solver_certificate=info.get("certificate"), solver_certificate_kind=info.get("certificate_kind"),
+                    solver_converged=info["converged"], converged=bool(cert["passed"]),
+                    certificate=cert["certificate"], certificate_kind=cert["certificate_kind"],
+                    feasibility=cert["feasibility"])
+    t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64)).unsqueeze(0)  # noqa: E731
+    objective = float(accurate_objective(t(K64), t(b64), t(c64), t(alpha), t(w))[0])  # eq. (2), theory/notation.md
     info["program_value"] = program_value(K64, b64, float(c64), method, params, alpha, w)
+    if method in ITERATIVE and method != "subspace":
+        info["program_value"] = objective
     if not info["converged"]:
-        hint = ("raise max_iter or tol, or check the problem with solver='cvxpy'" if solver == "exact"
-                else "the interior-point solver reported an inaccurate solution; compare with solver='exact'")
+        reason = (describe_failure(method, info["certificate"], info.get("feasibility", 0.0), dtype)
+                  if method in ITERATIVE else f"status {info.get('status', 'n/a')}")
+        hint = ("raise max_iter, check the problem with solver='cvxpy', or pass float64 data"
+                if solver == "exact" else "compare with solver='exact'")
         warnings.warn(
             f"project(method={method!r}, solver={solver!r}) did not converge: certificate "
-            f"{info['certificate_kind']} = {info['certificate']:.2e} (status: {info.get('status', 'n/a')}); {hint}.",
+            f"{info['certificate_kind']} = {info['certificate']:.2e} ({reason}); {hint}.",
             RuntimeWarning,
             stacklevel=2,
         )

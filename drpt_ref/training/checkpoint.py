@@ -40,6 +40,7 @@ STATE = "state.json"
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint-"
 TMP = "checkpoint.tmp"
+RETIRED = "checkpoint.old-"  # a checkpoint being removed: renamed first, so it is never half a checkpoint
 FINAL = "final"
 FORMAT = 1  # the layout above; a checkpoint of another format is refused
 _NAME = re.compile(r"checkpoint-(\d{6,})")
@@ -64,7 +65,8 @@ def _rename(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Delete a file or a folder tree."""
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
@@ -129,19 +131,17 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
                 "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()}}
     tmp, dest = os.path.join(run_dir, TMP), os.path.join(run_dir, checkpoint_name(step))
     if os.path.lexists(tmp):
-        _remove(tmp)  # left by a save that was interrupted
+        remove_path(tmp)  # left by a save that was interrupted
     _make_dir(tmp)
     for name, data in blobs.items():
         _write(os.path.join(tmp, name), data)
     _write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())  # last
     _sync_dir(tmp)
-    if os.path.lexists(dest):
-        _remove(dest)
+    if os.path.lexists(dest):  # a checkpoint of this very step (never in a normal run)
+        _rename(dest, _retired(dest))
     _rename(tmp, dest)  # the publication: one rename
     _sync_dir(run_dir)
-    for old in checkpoint_folders(run_dir):
-        if old != dest:
-            _remove(old)
+    remove_checkpoints(run_dir, keep=dest)
     return dest
 
 
@@ -162,13 +162,23 @@ def find_checkpoint(run_dir: str) -> str | None:
     return folders[-1] if folders else None
 
 
+def _retired(path: str) -> str:
+    """checkpoint-000012 -> checkpoint.old-000012: the name a checkpoint takes before it is deleted."""
+    return os.path.join(os.path.dirname(path), RETIRED + os.path.basename(path)[len(PREFIX):])
+
+
 def remove_checkpoints(run_dir: str, keep: str | None = None) -> list[str]:
-    """Remove every checkpoint folder of the run (and a half-written one) but `keep`; return their names."""
+    """Remove every checkpoint folder of the run but `keep`, and what interrupted saves and removals left;
+    return their names. A checkpoint is first renamed out of the checkpoint names, then deleted: a kill in
+    between leaves a leftover, never a partly deleted folder that --resume would take for a damaged one."""
     gone = []
-    for path in checkpoint_folders(run_dir) + [os.path.join(run_dir, TMP)]:
-        if path != keep and os.path.lexists(path):
-            _remove(path)
+    for path in checkpoint_folders(run_dir):
+        if path != keep:
+            _rename(path, _retired(path))
             gone.append(os.path.basename(path))
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if name == TMP or name.startswith(RETIRED):
+            remove_path(os.path.join(run_dir, name))
     return gone
 
 
@@ -374,12 +384,12 @@ def save_final(run_dir: str, model, tok) -> str:
     dest, tmp, old = (os.path.join(run_dir, FINAL + s) for s in ("", ".tmp", ".old"))
     for path in (tmp, old):
         if os.path.lexists(path):
-            _remove(path)
+            remove_path(path)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if os.path.lexists(dest):
         _rename(dest, old)
     _rename(tmp, dest)
     if os.path.lexists(old):
-        _remove(old)
+        remove_path(old)
     return dest

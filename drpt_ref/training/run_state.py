@@ -25,14 +25,14 @@ import os
 import torch
 
 from drpt_ref.flags import check_out_path
-from drpt_ref.training.checkpoint import FINAL, TMP, _remove, checkpoint_folders, write_json_atomic
+from drpt_ref.training.checkpoint import FINAL, remove_checkpoints, remove_path, write_json_atomic
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MARKER = "drpt_run.json"
 SUMMARY = "summary.json"  # written by `drpt reproduce` into each of its runs
 # what a train run writes into its folder: all that --overwrite removes (the marker stays)
-RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, FINAL + ".tmp", FINAL + ".old", TMP)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, FINAL + ".tmp", FINAL + ".old")
 # TrainConfig fields that do not change what a run computes: where it is written, its bar, how it starts
 PLACE_FIELDS = ("out", "progress", "resume", "overwrite")
 # config fields that may differ on --resume: those, and the steps (a resumed run may go further)
@@ -97,10 +97,11 @@ def claim_folder(out: str, kind: str, overwrite: bool = False) -> list[str]:
                          "folder.") from None
     removed = []
     if overwrite:
-        for path in checkpoint_folders(out) + [os.path.join(out, name) for name in RUN_FILES]:
-            if os.path.lexists(path):
-                _remove(path)
-                removed.append(os.path.basename(path))
+        removed = remove_checkpoints(out)
+        for name in RUN_FILES:
+            if os.path.lexists(os.path.join(out, name)):
+                remove_path(os.path.join(out, name))
+                removed.append(name)
     return removed
 
 

@@ -1,0 +1,102 @@
+"""Every bad path, device or number given to `drpt train`, `drpt eval` or `drpt reproduce` ends as usage plus a
+message naming the flag or the file (exit 2, no traceback), and writes nothing: --out naming a file, a path
+under a file, a read-only folder, the --model folder or one inside it; --device foo or mps; --lr inf, nan or
+1e300; a --model that is missing or holds only a pickle (issue 15)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from tiny_lm import tree, write_tiny_model
+
+from drpt_ref.cli import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("cli") / "model")
+
+
+@pytest.fixture(scope="module")
+def pickle_model(model, tmp_path_factory):
+    """The tiny model with its weights as a pickle (pytorch_model.bin) and no safetensors."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("cli") / "pickled"
+    shutil.copytree(model, folder)
+    torch.save(load_file(os.path.join(folder, "model.safetensors")), os.path.join(folder, "pytorch_model.bin"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: drpt" in err and "Traceback" not in err, err
+    return err
+
+
+def _train(model, out, *flags):
+    return ["train", "--model", model, "--out", str(out), "--steps", "1", "--progress", "false", *flags]
+
+
+def test_out_that_cannot_be_a_folder(model, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert "--out" in _usage_error(_train(model, a_file), capsys) and a_file.read_text() == "x"
+    assert "lies under the file" in _usage_error(_train(model, a_file / "run"), capsys)
+    err = _usage_error(_train(model, "/sys/drpt_never_here"), capsys)  # read-only, even for root
+    assert "--out '/sys/drpt_never_here'" in err
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-model-folder", "a-folder-inside-it"])
+def test_out_on_the_model_folder_is_refused_and_the_model_is_untouched(model, capsys, inside):
+    before = tree(model)
+    out = os.path.join(model, "run") if inside else model
+    for flags in ([], ["--overwrite"]):
+        assert "never writes into a model folder" in _usage_error(_train(model, out, *flags), capsys)
+    assert tree(model) == before
+
+
+def test_a_folder_drpt_did_not_make_is_never_written(model, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{\"mine\": true}")
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        assert "holds files that drpt did not write" in _usage_error(_train(model, mine, *flags), capsys)
+    assert tree(mine) == {"config.json": b"{\"mine\": true}"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "--device 'foo'"), (["--device", "mps"], "--device 'mps'"),
+    (["--device", "cuda:x"], "--device 'cuda:x'"),
+    (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "1e300"], "--lr must be in (0, 10]"), (["--tau-rel=-inf"], "--tau-rel must be a finite number"),
+    (["--resume", "--overwrite"], "pass one of them"),
+])
+def test_train_flags(model, tmp_path, capsys, flags, message):
+    assert message in _usage_error(_train(model, tmp_path / "never", *flags), capsys)
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_missing_and_pickle_models_are_refused(model, pickle_model, tmp_path, capsys):
+    missing = str(tmp_path / "no_such_model")
+    assert "--model" in _usage_error(_train(missing, tmp_path / "never"), capsys)
+    assert "no such folder" in _usage_error(["eval", "--model", missing, "--n", "1"], capsys)
+    for argv in (_train(pickle_model, tmp_path / "never"), ["eval", "--model", pickle_model, "--n", "1"]):
+        err = _usage_error(argv, capsys)
+        assert "pytorch_model.bin, a pickle, which drpt never loads" in err
+    assert not os.path.exists(tmp_path / "never")
+    a_file = tmp_path / "x.txt"
+    a_file.write_text("x")
+    assert "--json" in _usage_error(["eval", "--model", model, "--n", "1", "--json", str(a_file / "rows.json")],
+                                    capsys)
+
+
+@pytest.mark.parametrize("device", ["foo", "mps"])
+def test_eval_and_reproduce_devices(model, tmp_path, capsys, device):
+    assert f"--device '{device}'" in _usage_error(["eval", "--model", model, "--device", device], capsys)
+    argv = ["reproduce", "--model", model, "--out", str(tmp_path / "never"), "--device", device]
+    assert f"--device '{device}'" in _usage_error(argv, capsys)
