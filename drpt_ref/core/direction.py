@@ -118,6 +118,8 @@ def to_float64(name: str, x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.is_complex():
             raise ValueError(f"{name} is complex; pass a real tensor.")
+        if x.is_meta:
+            raise ValueError(f"{name} is on the 'meta' device (shapes only, no values); pass tensors that hold values.")
         arr = x.detach().to("cpu", torch.float64).numpy()
     else:
         try:

@@ -27,6 +27,16 @@ FAMILIES = (
     "single",  # n = 1
     "correlated",  # columns share a common direction (like real gradients): ill-conditioned K
 )
+# The families on which a solver can report convergence on a wrong answer (theory/certificates.md): each
+# draw mixes the degeneracies, and `scale` moves the whole problem toward either end of the dtype's range.
+HARD_FAMILIES = (
+    "zero_units",  # some columns exactly zero (GRPO groups with equal rewards)
+    "wide",  # more units than the rank: n > p, or rank r < min(p, n)
+    "decades",  # column norms over 1e-4 .. 1e4 (K over sixteen decades)
+    "target_in_set",  # g_T = G w with w on a face of the simplex (some weights 0): on the set's boundary
+    "target_orthogonal",  # g_T orthogonal to span(G): every projection's optimum is w with G w = 0 or the
+    "tiny",  # n = 1 or 2, any of the above
+)
 
 
 @dataclass
@@ -79,6 +89,29 @@ def random_problem(rng: np.random.Generator, family: str, p: int | None = None, 
     elif family == "correlated":
         G = G + 5.0 * rng.standard_normal((p, 1))  # (p, n) a shared component dominates K
     return Problem(G=G, g_T=g_T, family=family)
+
+
+def hard_problem(rng: np.random.Generator, family: str, scale: float = 1.0) -> Problem:
+    """One draw of a HARD_FAMILIES family, all vectors multiplied by `scale`; p in [1, 12], n in [1, 12]."""
+    if family not in HARD_FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; use one of {HARD_FAMILIES}.")
+    n = int(rng.integers(1, 3)) if family == "tiny" else int(rng.integers(2, 13))
+    p = int(rng.integers(1, max(2, n))) if family == "wide" else int(rng.integers(1, 13))
+    r = int(rng.integers(1, min(p, n) + 1))
+    G = rng.standard_normal((p, r)) @ rng.standard_normal((r, n))  # (p, n) rank r
+    g_T = rng.standard_normal(p) + 0.5 * G.mean(axis=1)  # (p,)
+    if family in ("zero_units", "tiny") or rng.uniform() < 0.3:
+        G[:, rng.uniform(size=n) < 0.4] = 0.0  # exact zero units
+    if family in ("decades", "tiny") or rng.uniform() < 0.3:
+        G = G * 10.0 ** rng.uniform(-4, 4, size=n)  # (p, n)
+    if family == "target_in_set" or (family == "tiny" and rng.uniform() < 0.3):
+        v = rng.dirichlet(np.ones(n)) * (rng.uniform(size=n) < 0.6)
+        g_T = G @ (v / v.sum() if v.sum() > 0 else np.full(n, 1.0 / n))  # (p,) on a face of the hull
+    elif family == "target_orthogonal":
+        Q = np.linalg.svd(G, full_matrices=True)[0] if G.any() else np.eye(p)
+        rank = int(np.linalg.matrix_rank(G)) if G.any() else 0
+        g_T = Q[:, rank:] @ rng.standard_normal(p - rank) if rank < p else np.zeros(p)  # (p,)
+    return Problem(G=G * scale, g_T=g_T * scale, family=family)
 
 
 def problem_stream(seed: int, count: int, p_max: int = 200, n_max: int = 64):

@@ -105,9 +105,13 @@ def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None
             other = "cvxpy" if solver == "exact" else "exact"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _, w2, info2 = solve(other)
-            w2, cert2 = _certified(K64, b64, float(c64), method, params, w2, dtype)
-            if cert2["passed"] or cert2["certificate"] < cert["certificate"]:
+                try:
+                    _, w2, info2 = solve(other)
+                except RuntimeError:  # Clarabel returned nothing: no repair, the first answer stands
+                    w2 = None
+            if w2 is not None:
+                w2, cert2 = _certified(K64, b64, float(c64), method, params, w2, dtype)
+            if w2 is not None and (cert2["passed"] or cert2["certificate"] < cert["certificate"]):
                 w, cert = w2, cert2
                 info.update(repaired_by=other, iterations=info2.get("iterations"))
         info.update(solver_certificate=info.get("certificate"), solver_certificate_kind=info.get("certificate_kind"),

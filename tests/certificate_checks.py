@@ -1,0 +1,93 @@
+"""What a certified answer must satisfy, checked against the primal program with explicit G (theory/certificates.md).
+
+For every call that reports converged=True, with f_G(w) = 1/2 ||G w - g_T||^2 evaluated in extended precision
+from the explicit vectors (not from the solver's K):
+    feasibility     the set's constraints hold within FEAS_TOL of the dtype                     eq. (1)
+    optimality      f_G(w) - f_G* <= CERT_TOL (c + ||G w||^2) + 16 eps S(w)                    eq. (7)
+    agreement       |reported objective - f_G(w)| <= 16 eps S(w)                               eq. (7)
+with S(w) = c + |w|^T |K| |w| + 2 |b|^T |w| (the round-off scale of the Gram form) and f_G* the value of the
+primal cvxpy program's solution moved onto the set (so an inaccurate reference can only loosen the check).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from drpt_ref import project, project_batched
+from drpt_ref.core.certificate import tolerances
+from drpt_ref.core.simplex_qp import project_capped_simplex
+
+ITERATIVE = ("simplex", "capped_simplex", "cone", "subspace")
+SOLVERS = ("exact", "batched64", "batched32")
+
+
+def primal_value(G: np.ndarray, g: np.ndarray, w) -> float:
+    """f_G(w) in extended precision (numpy longdouble)."""
+    G, g, w = (np.asarray(x).astype(np.longdouble) for x in (G, g, w))
+    e = G @ w - g
+    return float(0.5 * (e @ e))
+
+
+def primal_reference(G: np.ndarray, g: np.ndarray, method: str, k: float | None = None) -> float:
+    """The primal program with explicit G, by cvxpy/Clarabel; its point moved onto the set, then evaluated."""
+    n = G.shape[1]
+    w = cp.Variable(n)
+    cap = 1.0 / k if k else 1.0
+    constraints = {"simplex": [w >= 0, cp.sum(w) == 1], "capped_simplex": [w >= 0, w <= cap, cp.sum(w) == 1],
+                   "cone": [w >= 0], "subspace": []}[method]
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(G @ w - g)), constraints)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        except cp.error.SolverError:
+            problem.solve(solver=cp.CLARABEL)
+    value = np.asarray(w.value, dtype=np.float64)
+    if method in ("simplex", "capped_simplex"):
+        value = project_capped_simplex(value, cap)
+    elif method == "cone":
+        value = np.maximum(value, 0.0)
+    return primal_value(G, g, value)
+
+
+def solve(solver: str, K, b, c, method: str, params: dict):
+    """(weights float64 (n,), objective, converged) of one solver on one problem, warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if solver == "exact":
+            d = project(K, b, c, method, **params)
+            return np.asarray(d.weights, dtype=np.float64), float(d.objective), bool(d.info["converged"])
+        dtype = torch.float32 if solver == "batched32" else torch.float64
+
+        def t(x):
+            return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype).unsqueeze(0)
+
+        d = project_batched(t(K)[0:1], t(b), t([c])[0], method, **params)
+        return d.weights[0].double().numpy(), float(d.objective[0]), bool(d.info["converged"][0])
+
+
+def violations(G, g, method: str, k: float | None, w, objective: float, reference: float,
+               dtype: torch.dtype) -> dict:
+    """The three ratios of the module docstring (<= 1 passes) for a converged answer w."""
+    cert_tol, feas_tol = tolerances(dtype)
+    eps = float(torch.finfo(dtype).eps)
+    Gl, gl, wl = (np.asarray(x).astype(np.longdouble) for x in (G, g, w))
+    K, b = Gl.T @ Gl, Gl.T @ gl
+    S = float(gl @ gl + np.abs(wl) @ np.abs(K) @ np.abs(wl) + 2 * np.abs(b) @ np.abs(wl))
+    f = primal_value(G, g, w)
+    size = float(gl @ gl) + 2 * primal_value(G, 0 * g, w)
+    feas = 0.0
+    if method in ("simplex", "capped_simplex"):
+        cap = 1.0 / k if k else 1.0
+        feas = max(-w.min(), w.max() - cap, abs(w.sum() - 1.0)) / cap
+    elif method == "cone":
+        feas = max(0.0, -w.min())
+    tiny = np.finfo(np.float64).tiny
+    return {"optimality": (f - reference) / max(cert_tol * size + 16 * eps * S, tiny),
+            "agreement": abs(objective - f) / max(16 * eps * S, tiny),
+            "feasibility": feas / feas_tol,
+            "finite": bool(np.isfinite(w).all() and np.isfinite(objective))}
