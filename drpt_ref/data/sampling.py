@@ -3,9 +3,11 @@
 Each prompt is repeated G times and all B * G rows are decoded together with a KV cache, drawing
 every token from softmax(logits / temperature) with a generator seeded per step (training/run_state.py),
 so a resumed run samples exactly what an uninterrupted one did. A completion ends at the first
-<eos> (or after max_new_tokens). The completions are returned as text; the training batch is
-then built with `tokenizer.encode_sft(prompts, completions)`, i.e. each completion is scored as
-its text followed by <eos> (a completion that hit max_new_tokens is scored as if it had stopped).
+<eos> (or after max_new_tokens). `sample_completions` returns each completion twice: its text (for
+the reward, special tokens skipped) and the ids exactly as sampled (for the loss: the training batch is
+built from them with `tokenizer.encode_sft_ids`, each scored as its ids followed by <eos>, so a sampled
+<unk>, <pad> or <bos> is scored as what it was; a completion that hit max_new_tokens is scored as if it
+had stopped). `sample_groups` returns the texts only.
 
 Shapes:
     prompts: B strings  ->  completions: B lists of G strings
@@ -19,10 +21,16 @@ import torch
 from drpt_ref.data.tokenizer import encode_prompts
 
 
-@torch.no_grad()
 def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
                   temperature: float, generator: torch.Generator) -> list[list[str]]:
     """G sampled completions per prompt (text before the first <eos>)."""
+    return sample_completions(model, tok, prompts, group_size, max_new_tokens, temperature, generator)[0]
+
+
+@torch.no_grad()
+def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
+                       temperature: float, generator: torch.Generator) -> tuple[list[list[str]], list[list[list[int]]]]:
+    """G sampled completions per prompt: (texts, ids), each B lists of G; ids are those sampled, before <eos>."""
     if group_size < 1:
         raise ValueError(f"group_size={group_size} must be >= 1 (completions sampled per prompt).")
     if temperature <= 0:
@@ -48,8 +56,10 @@ def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_token
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B*G, T + s)
         pos = pos[:, -1:] + 1  # (B*G, 1)
     generated = torch.stack(steps, dim=1).tolist()  # (B*G, S)
-    texts = []
+    texts, ids_out = [], []
     for row in generated:
         row = row[: row.index(eos)] if eos in row else row
         texts.append(tok.decode(row, skip_special_tokens=True))
-    return [texts[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
+        ids_out.append(row)
+    group = lambda xs: [xs[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]  # noqa: E731
+    return group(texts), group(ids_out)

@@ -71,10 +71,17 @@ def encode_sft(tok, prompts: list[str], answers: list[str]) -> dict[str, torch.T
     """Right-padded batch of prompt + answer + eos; labels are -100 except on answer and eos."""
     if len(prompts) != len(answers):
         raise ValueError(f"prompts ({len(prompts)}) and answers ({len(answers)}) must have equal length")
+    return encode_sft_ids(tok, [encode_text(tok, p) for p in prompts], [encode_text(tok, a) for a in answers])
+
+
+def encode_sft_ids(tok, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """`encode_sft` from token ids: each answer's ids are kept exactly (sampled completions), then <eos>."""
+    if len(prompt_ids) != len(answer_ids):
+        raise ValueError(f"prompts ({len(prompt_ids)}) and answers ({len(answer_ids)}) must have equal length")
     rows, labels = [], []
-    for p, a in zip(prompts, answers):
-        p_ids, a_ids = encode_text(tok, p), encode_text(tok, a) + [tok.eos_token_id]
-        rows.append(p_ids + a_ids)
+    for p_ids, a in zip(prompt_ids, answer_ids):
+        a_ids = list(a) + [tok.eos_token_id]
+        rows.append(list(p_ids) + a_ids)
         labels.append([IGNORE] * len(p_ids) + a_ids)
     T = max(len(r) for r in rows)
     pad = tok.pad_token_id

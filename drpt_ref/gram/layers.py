@@ -50,13 +50,16 @@ class CoveredLayer:
 def covered_layers(model: nn.Module) -> list[CoveredLayer]:
     """The linear layers whose weights and biases enter the Gram, in module order.
 
-    Left out: any layer whose weight is shared with another parameter slot (tied weights, e.g. GPT-2's
-    lm_head = wte: the weight gets gradient from two places, theory/gram.md section 5), frozen layers.
+    Left out: any layer whose weight or bias is shared with another parameter slot (tied weights, e.g.
+    GPT-2's lm_head = wte, or one bias in two layers: the parameter gets gradient from two places, which
+    the per-layer engines would count twice, theory/gram.md section 5), frozen layers.
     """
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     layers = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, Conv1D)) or not mod.weight.requires_grad or uses[id(mod.weight)] > 1:
+        if not isinstance(mod, (nn.Linear, Conv1D)) or not mod.weight.requires_grad:
+            continue
+        if any(uses[id(p)] > 1 for p in (mod.weight, mod.bias) if p is not None):
             continue
         conv1d = isinstance(mod, Conv1D)
         d_in, d_out = mod.weight.shape if conv1d else mod.weight.shape[::-1]

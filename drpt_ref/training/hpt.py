@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from drpt_ref.data.sampling import sample_groups
+from drpt_ref.data.sampling import sample_completions
 from drpt_ref.data.tasks import get_task
 from drpt_ref.losses import unified_pg as pg
 from drpt_ref.losses.unit_batch import RowBatch
@@ -56,16 +56,16 @@ def hpt_batch(tok, model, prompts, group_size: int, generator: torch.Generator, 
               max_new_tokens: int = 8, temperature: float = 1.0, reward: str = "exact",
               device="cpu") -> tuple[RowBatch, dict]:
     """Sample, gate and build the unit batch of HPT units. -> (batch, {"num_correct" (U,), "is_sft" (U,)})"""
-    groups = sample_groups(model, tok, [p.prompt for p in prompts], group_size, max_new_tokens, temperature,
-                           generator)
+    groups, sampled = sample_completions(model, tok, [p.prompt for p in prompts], group_size, max_new_tokens,
+                                         temperature, generator)
     correct = torch.tensor([[get_task(p.task).reward(p.prompt, c, "exact") for c in comps]
                             for p, comps in zip(prompts, groups)], dtype=torch.float64)  # (U, G) in {0, 1}
     rewards = torch.tensor([[get_task(p.task).reward(p.prompt, c, reward) for c in comps]
                             for p, comps in zip(prompts, groups)], dtype=torch.float64)  # (U, G)
     num_correct = correct.sum(-1).long()  # (U,)
     is_sft = hpt_gate(num_correct, gamma)  # (U,)
-    answers = [c for p, comps, s in zip(prompts, groups, is_sft.tolist())
-               for c in ([p.reference] * group_size if s else comps)]
+    answers = [c for p, ids, s in zip(prompts, sampled, is_sft.tolist())  # RL rows: the ids as sampled
+               for c in ([p.reference] * group_size if s else ids)]
     batch = rows_batch(tok, [p.prompt for p in prompts for _ in range(group_size)], answers, group_size, device)
     batch.extras["rewards"] = rewards.reshape(-1).to(device)  # (R,)
     batch.extras["sft"] = is_sft.repeat_interleave(group_size).to(device, torch.float64)  # (R,)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from drpt_ref.data.sampling import sample_groups
+from drpt_ref.data.sampling import sample_completions
 from drpt_ref.data.tasks import TARGET, general_pool, get_task
-from drpt_ref.data.tokenizer import IGNORE, encode_sft
+from drpt_ref.data.tokenizer import IGNORE, encode_sft, encode_sft_ids, encode_text
 from drpt_ref.losses.dpo import sequence_logprob
 from drpt_ref.losses.grpo import group_advantages
 from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
@@ -40,9 +40,16 @@ def draw(items: list, count: int, generator: torch.Generator) -> list:
     return [items[i] for i in order]
 
 
-def rows_batch(tok, prompts: list[str], answers: list[str], rows_per_unit: int, device) -> RowBatch:
-    """Right-padded prompt + answer + <eos> rows; the loss mask is the answer and <eos>."""
-    enc = encode_sft(tok, prompts, answers)
+def rows_batch(tok, prompts: list[str], answers: list, rows_per_unit: int, device) -> RowBatch:
+    """Right-padded prompt + answer + <eos> rows; the loss mask is the answer and <eos>.
+
+    An answer is a string, or a list of token ids taken exactly as they are (a sampled completion).
+    """
+    if all(isinstance(a, str) for a in answers):
+        enc = encode_sft(tok, prompts, answers)
+    else:
+        answer_ids = [encode_text(tok, a) if isinstance(a, str) else list(a) for a in answers]
+        enc = encode_sft_ids(tok, [encode_text(tok, p) for p in prompts], answer_ids)
     return RowBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
                     (enc["labels"] != IGNORE).long().to(device), rows_per_unit)
 
@@ -69,12 +76,12 @@ def grpo_batch(tok, model, prompts, group_size: int, generator: torch.Generator,
 
     Returns the batch (extras: advantages (R,)) and the rewards (U, G).
     """
-    groups = sample_groups(model, tok, [p.prompt for p in prompts], group_size, max_new_tokens, temperature,
-                           generator)
+    groups, sampled = sample_completions(model, tok, [p.prompt for p in prompts], group_size, max_new_tokens,
+                                         temperature, generator)
     rewards = torch.tensor([[get_task(p.task).reward(p.prompt, c, reward) for c in comps]
                             for p, comps in zip(prompts, groups)], dtype=torch.float64)  # (U, G)
     batch = rows_batch(tok, [p.prompt for p in prompts for _ in range(group_size)],
-                       [c for comps in groups for c in comps], group_size, device)
+                       [ids for comps in sampled for ids in comps], group_size, device)  # the ids as sampled
     adv = group_advantages(rewards, std_normalize)  # (U, G) eq. (4) in theory/losses.md
     batch.extras["advantages"] = adv.reshape(-1).to(device)  # (R,)
     return batch, rewards
