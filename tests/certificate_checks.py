@@ -39,13 +39,21 @@ def primal_reference(G: np.ndarray, g: np.ndarray, method: str, k: float | None 
     cap = 1.0 / k if k else 1.0
     constraints = {"simplex": [w >= 0, cp.sum(w) == 1], "capped_simplex": [w >= 0, w <= cap, cp.sum(w) == 1],
                    "cone": [w >= 0], "subspace": []}[method]
-    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(G @ w - g)), constraints)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-        except cp.error.SolverError:
-            problem.solve(solver=cp.CLARABEL)
+    s = float(max(np.abs(G).max(initial=0.0), np.abs(g).max(initial=0.0))) or 1.0  # data of order one
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares((G / s) @ w - g / s)), constraints)
+    attempts = [dict(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12),
+                dict(solver=cp.CLARABEL), dict(solver=cp.SCS, eps=1e-10, max_iters=20000)]
+    for opts in attempts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                problem.solve(**opts)
+            except cp.error.SolverError:
+                continue
+        if w.value is not None and np.isfinite(w.value).all():
+            break
+    else:  # no reference: the optimality check is skipped (+inf), feasibility and agreement still hold
+        return float("inf")
     value = np.asarray(w.value, dtype=np.float64)
     if method in ("simplex", "capped_simplex"):
         value = project_capped_simplex(value, cap)

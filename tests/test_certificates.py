@@ -163,7 +163,7 @@ def check_instance(seed: int, family: str, scale_exp: int, method: str) -> list[
             continue
         if not converged:
             continue
-        v = violations(G, g, method, k, w, objective, reference * s * s, dtype)
+        v = violations(G, g, method, k, w, objective, reference * s * s, dtype)  # inf * s^2: no reference
         if not v["finite"] or max(v["optimality"], v["agreement"], v["feasibility"]) > 1.0:
             failures.append(f"{solver} {method} {family} seed={seed} scale=1e{scale_exp}: {v}")
     return failures
