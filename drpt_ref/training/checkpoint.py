@@ -1,4 +1,4 @@
-"""Atomic checkpoints that are verified before they are resumed, and safetensors-only loading of model folders.
+"""Atomic checkpoints that are verified before they are resumed, and the atomic publication of a run's final model.
 
 A checkpoint is one folder, `checkpoint-000012/` (the step, six digits or more), holding
     tensors.safetensors   model parameters ("model.NAME"; tied weights once) and optimizer tensors
@@ -15,9 +15,8 @@ not match its files byte for byte, whose steps disagree (folder name, manifest, 
 tensors do not fit the model and optimizer (names, shapes, dtypes; every optimizer slot that one step of
 this optimizer creates must be there). Nothing is restored until everything is checked.
 
-Model folders (`--model`, a run's final/) are loaded from safetensors only, with no remote code:
-`check_model_folder` refuses a folder without safetensors weights (a pickle `pytorch_model.bin` is never
-read) and says why. `save_final` publishes a run's final/ model by renames, like a checkpoint.
+Checkpoints are safetensors and JSON only (no pickle); model folders are loaded by training/model_folder.py.
+`save_final` publishes a run's final/ model by renames, like a checkpoint.
 
 Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
 """
@@ -44,7 +43,6 @@ RETIRED = "checkpoint.old-"  # a checkpoint being removed: renamed first, so it 
 FINAL = "final"
 FORMAT = 1  # the layout above; a checkpoint of another format is refused
 _NAME = re.compile(r"checkpoint-(\d{6,})")
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what a model folder must hold
 
 
 # ---- file operations: every write of a save goes through these (tests interrupt each in turn) -----------------
@@ -265,12 +263,12 @@ def _check_tensors(path: str, tensors: dict, state_path: str, state: dict, model
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} holds the tensors of another model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all); resume with the --model "
-                      "the run started from.")
+                         f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all); resume with the "
+                         "--model the run started from.")
     for k, v in stored.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise ValueError(f"{path}: 'model.{k}' has {_shape_dtype(v)}, the model's has {_shape_dtype(expected[k])}; "
-                          "resume with the run's --model and --dtype.")
+            raise ValueError(f"{path}: 'model.{k}' has {_shape_dtype(v)}, the model's has "
+                             f"{_shape_dtype(expected[k])}; resume with the run's --model and --dtype.")
     opt = state["optimizer"]
     if opt.get("class") != type(optimizer).__name__ or not isinstance(opt.get("scalars"), dict):
         raise ValueError(f"{state_path}: the optimizer state is of {opt.get('class')!r}, this run uses "
@@ -289,7 +287,7 @@ def _check_tensors(path: str, tensors: dict, state_path: str, state: dict, model
                 wanted.add(tname)
                 if tname not in tensors:
                     raise ValueError(f"{path}: the optimizer tensor {tname!r} is missing (a resume would start a "
-                                  "fresh optimizer state and end elsewhere than the uninterrupted run).")
+                                     "fresh optimizer state and end elsewhere than the uninterrupted run).")
                 if (tuple(tensors[tname].shape), tensors[tname].dtype) != slot:
                     raise ValueError(f"{path}: {tname!r} has {_shape_dtype(tensors[tname])}, expected shape "
                                      f"{slot[0]} {str(slot[1]).removeprefix('torch.')}.")
@@ -344,40 +342,7 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
     return step, extra
 
 
-# ---- model folders: safetensors only --------------------------------------------------------------------------
-
-def check_model_folder(path: str, flag: str = "--model") -> None:
-    """Refuse a model folder that drpt would not load: missing, not a folder, no config.json, or no
-    safetensors weights (a pickle checkpoint such as pytorch_model.bin is never loaded: it can run code)."""
-    if not os.path.exists(path):
-        raise ValueError(f"{flag} {path!r}: no such folder; build one with `drpt build-model` or pass a path.")
-    if not os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a file; pass the model's folder (config.json + model.safetensors).")
-    names = set(os.listdir(path))
-    if "config.json" not in names:
-        raise ValueError(f"{flag} {path!r} has no config.json: not a saved model folder.")
-    if not names & set(WEIGHTS):
-        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
-        why = (f"it holds {', '.join(pickles)}, a pickle, which drpt never loads (unpickling can run code); "
-               "convert it to safetensors (model.save_pretrained(folder, safe_serialization=True))") if pickles \
-            else "it holds no model.safetensors"
-        raise ValueError(f"{flag} {path!r}: no safetensors weights: {why}.")
-
-
-def load_model_folder(path: str, flag: str = "--model", tokenizer_from: str | None = None):
-    """(model, tokenizer) of a local model folder: safetensors weights only, no download, no remote code.
-    The tokenizer is read from `tokenizer_from` when given (a run's final/ may hold the weights alone)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_folder(path, flag)
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_from or path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                     trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {path!r} could not be loaded: {err}") from None
-    return model, tok
-
+# ---- the final model ------------------------------------------------------------------------------------------
 
 def save_final(run_dir: str, model, tok) -> str:
     """Publish the run's final model (safetensors, config, tokenizer) as final/, written beside it first."""

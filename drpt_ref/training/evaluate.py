@@ -33,7 +33,7 @@ import torch
 from drpt_ref.data.tasks import get_task, task_names
 from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
 from drpt_ref.flags import check_device, check_out_path, check_positive_ints
-from drpt_ref.training.checkpoint import load_model_folder
+from drpt_ref.training.model_folder import load_model_folder
 
 MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
 
@@ -126,7 +126,7 @@ def format_table(rows: list[dict]) -> str:
 
 def load(path: str, device: str = "cpu", flag: str = "--model"):
     """A saved model folder (safetensors + config + tokenizer), from the local disk only, no pickle, no remote
-    code (training/checkpoint.py: load_model_folder)."""
+    code (training/model_folder.py)."""
     model, tok = load_model_folder(path, flag)
     return model.to(device).eval(), tok
 

@@ -44,16 +44,10 @@ from drpt_ref.losses.grpo import GRPOLoss
 from drpt_ref.losses.sft import SFTLoss
 from drpt_ref.losses.unit_batch import token_logprobs
 from drpt_ref.training import dr_step as dr
-from drpt_ref.training.checkpoint import (
-    check_model_folder,
-    find_checkpoint,
-    load_checkpoint,
-    load_model_folder,
-    save_checkpoint,
-    save_final,
-)
+from drpt_ref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
 from drpt_ref.training.evaluate import evaluate_task
 from drpt_ref.training.hpt import HPTLoss, hpt_batch
+from drpt_ref.training.model_folder import check_model_folder, load_model_folder
 from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
 from drpt_ref.training.run_state import (
     MetricsLog,

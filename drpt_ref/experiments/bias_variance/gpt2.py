@@ -29,8 +29,8 @@ from drpt_ref.experiments.bias_variance.measure import measure, spectrum
 from drpt_ref.gram.ghost import capture, ghost_joint_gram
 from drpt_ref.gram.layers import covered_parameters
 from drpt_ref.losses.sft import SFTLoss
-from drpt_ref.training.checkpoint import load_model_folder
 from drpt_ref.training.dr_step import freeze_uncovered
+from drpt_ref.training.model_folder import load_model_folder
 from drpt_ref.training.train_data import sft_batch
 
 
