@@ -143,7 +143,7 @@ def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Te
 
 
 def warn_not_converged(method: str, converged: torch.Tensor, certificate: torch.Tensor, tol: float,
-                       max_iter: int, kind: str) -> None:
+                       max_iter: int, kind: str, repaired: bool = False) -> None:
     """Never silent: name the problems that missed tol, their certificates, and what to change."""
     bad = (~converged).nonzero().flatten().tolist()
     if not bad:
@@ -152,8 +152,9 @@ def warn_not_converged(method: str, converged: torch.Tensor, certificate: torch.
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
     warnings.warn(
         f"project_batched(method={method!r}): {len(bad)} of {converged.numel()} problems did not reach "
-        f"{kind} <= {tol:.1e} within max_iter={max_iter}: problem (certificate) {shown}{more}. "
-        "Raise max_iter, solve in float64 if this was float32, or check these problems with "
+        f"{kind} <= {tol:.1e} (max_iter={max_iter}{', after the exact re-solve' if repaired else ''}): problem "
+        f"(certificate) {shown}{more}. {'' if repaired else 'Raise max_iter or keep repair=True, '}solve in "
+        "float64 if this was float32, remove nearly duplicate units, or check these problems with "
         "drpt_ref.core.project(K[i], b[i], c[i], method, solver='cvxpy').",
         RuntimeWarning,
         stacklevel=3,

@@ -95,7 +95,7 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
         w_i = clean_weights(method, w_i, None if cap is None else cap[i:i + 1])
         one = certify(K[i:i + 1], b[i:i + 1], c[i:i + 1], method, w_i, cap=None if cap is None else cap[i:i + 1],
                       ridge=None if ridge is None else ridge[i:i + 1], dtype=K.dtype)
-        if bool(one["passed"][0]) or float(one["certificate"][0]) < float(cert["certificate"][i]):
+        if bool(one["passed"][0]) or not float(cert["certificate"][i]) <= float(one["certificate"][0]):  # NaN loses
             w[i] = w_i[0]
             for key in ("passed", "certificate", "feasibility"):
                 cert[key][i] = one[key][0]
@@ -105,7 +105,7 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
                     0, torch.tensor(failed, dtype=torch.long, device=w.device), True))
     tol = tolerances(K.dtype)[0]
     warn_not_converged(method, cert["passed"], cert["certificate"], tol, info["iterations"].max().item(),
-                       cert["certificate_kind"])
+                       cert["certificate_kind"], repaired=repair)
     return w
 
 

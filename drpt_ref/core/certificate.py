@@ -142,6 +142,38 @@ def _power_of_two_scale(K, c) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(s)))
 
 
+def _support_gap(K, r, one_ulp, support, eps: float) -> torch.Tensor:
+    """1/2 r_S^T (K_SS + mu I)^(-1) r_S in Jacobi-scaled form, less what rounding w alone would cause (eq. (3')).
+
+    K (B, n, n), r (B, n), one_ulp (B, n), support (B, n) bool -> (B,). mu = max(1e-14 max(n, 10), 4 n eps) times
+    lambda_max of the scaled K_SS (its round-off, notation.md eq. (6), in the caller's dtype): a part of r outside
+    range(K_SS) counts ||r_null||^2 / mu.
+    """
+    B, n = r.shape
+    d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
+    live = support & (d > 0)  # (B, n)
+    a = torch.where(live, d.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(d))  # (B, n)
+    Ks = K * a.unsqueeze(-1) * a.unsqueeze(-2)  # (B, n, n) unit diagonal on the support, 0 off it
+    mu = max(1e-14 * max(n, 10), 4 * n * eps) * Ks.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1.0)  # (B,)
+    L, bad = None, None
+    for _ in range(6):  # round-off of the data may leave Ks + mu I indefinite: a larger shift, a smaller (safe) gap
+        A = Ks + torch.where(live, mu.unsqueeze(-1), torch.ones_like(d)).diag_embed()  # (B, n, n)
+        L_try, bad_try = torch.linalg.cholesky_ex(A)
+        L = L_try if L is None else torch.where((bad != 0)[:, None, None], L_try, L)
+        bad = bad_try if bad is None else torch.where(bad != 0, bad_try, bad)
+        if not bool((bad != 0).any()):
+            break
+        mu = torch.where(bad != 0, mu * 1e3, mu)
+    L = torch.where((bad != 0)[:, None, None], torch.eye(n, dtype=K.dtype, device=K.device) / mu.sqrt()[:, None, None]
+                    * 1e3, L)  # never factored: the gap counts as (almost) nothing, the cosine test decides
+
+    def quad(v):  # 1/2 v^T A^(-1) v, (B, n) -> (B,)
+        y = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
+        return 0.5 * (y * y).sum(-1)
+
+    return (quad(a * r) - quad(a * one_ulp)).clamp_min(0.0)
+
+
 def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float64) -> dict:
     """Certificate of weights w for the program of `method` on (K, b, c) as given; see the module docstring.
 
@@ -183,16 +215,27 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
         if method == "cone":
             feas = (-w).amax(-1).clamp_min(0.0) / w.abs().amax(-1).clamp_min(1.0)
             viol = torch.where(w > 0, r.abs(), (-r).clamp_min(0.0))  # (B, n) r >= 0; r_i = 0 where w_i > 0
-            kind = "kkt_cosine_residual"
+            kind = "kkt_cosine_and_support_gap"
         else:
             rho = torch.zeros_like(c) if ridge is None else ridge.to(torch.float64) / scale  # (B,)
             n = w.shape[-1]
             viol = (r + rho.unsqueeze(-1) * (w - 1.0 / n)).abs()  # (B, n) eq. (4): the ridge pulls toward 1/n
             norm = norm + rho.unsqueeze(-1) * (w.abs() + 1.0 / n)
-            kind = "normal_equations_cosine_residual"
+            kind = "normal_equations_cosine_and_gap"
         viol = (viol - one_ulp).clamp_min(0.0)  # (B, n) eq. (6)
         cert = torch.where(viol > 0, viol / norm.clamp_min(torch.finfo(torch.float64).tiny),
                            torch.zeros_like(viol)).amax(-1)  # (B,) 0 / 0 (a zero unit) counts as 0
+        if ridge is None or not bool((ridge > 0).any()):
+            # eq. (3'): the cosine test is blind to a residual along a nearly dependent pair of units; the
+            # stationarity gap on the support, 1/2 r_S^T (K_SS + mu I)^(-1) r_S, is not (and it reads a part of
+            # r outside range(K_SS), where K has lost a direction b still sees, as a large gap)
+            support = w > 0 if method == "cone" else torch.ones_like(w, dtype=torch.bool)
+            gap = _support_gap(K, r, one_ulp, support, eps)  # (B,)
+            cert = torch.maximum(cert, gap / (c + wKw).clamp_min(torch.finfo(torch.float64).tiny))
+            if method == "cone":  # w = 0 is feasible: an answer worse than no update is never optimal
+                worse = objective - 0.5 * c - 8 * eps * (c + (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+                                                             .sqrt()).sum(-1) ** 2)  # (B,)
+                cert = torch.where(worse > 0, torch.full_like(cert, float("inf")), cert)
     finite = torch.isfinite(w).all(-1) & torch.isfinite(cert) & torch.isfinite(objective)
     passed = finite & (cert <= cert_tol) & (feas <= feas_tol)
     return {"objective": objective * scale, "feasibility": feas, "certificate": cert, "passed": passed,

@@ -148,5 +148,5 @@ def solve_subspace(K, b, c, ridge: float = 0.0, tol: float = 1e-10):
             best = (w, cert)
     w, cert = best
     info = {"converged": bool(cert <= tol), "iterations": 0, "certificate": cert,
-            "certificate_kind": "normal_equations_cosine_residual"}
+            "certificate_kind": "normal_equations_cosine_and_gap"}
     return 0.0, w, info

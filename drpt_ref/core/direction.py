@@ -122,6 +122,8 @@ def to_float64(name: str, x) -> np.ndarray:
             raise ValueError(f"{name} is on the 'meta' device (shapes only, no values); pass tensors that hold values.")
         arr = x.detach().to("cpu", torch.float64).numpy()
     else:
+        if np.iscomplexobj(x):
+            raise ValueError(f"{name} is complex; pass a real array.")
         try:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:

@@ -126,8 +126,9 @@ def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None
     if not info["converged"]:
         reason = (describe_failure(method, info["certificate"], info.get("feasibility", 0.0), dtype)
                   if method in ITERATIVE else f"status {info.get('status', 'n/a')}")
-        hint = ("raise max_iter, check the problem with solver='cvxpy', or pass float64 data"
-                if solver == "exact" else "compare with solver='exact'")
+        hint = ("the certificate is computed at the data's own resolution, so a failure here means the answer "
+                "is not certified: compare with solver='cvxpy', pass float64 data, or remove nearly duplicate units "
+                "(see theory/certificates.md)" if solver == "exact" else "compare with solver='exact'")
         warnings.warn(
             f"project(method={method!r}, solver={solver!r}) did not converge: certificate "
             f"{info['certificate_kind']} = {info['certificate']:.2e} ({reason}); {hint}.",
