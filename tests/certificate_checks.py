@@ -3,10 +3,11 @@
 For every call that reports converged=True, with f_G(w) = 1/2 ||G w - g_T||^2 evaluated in extended precision
 from the explicit vectors (not from the solver's K):
     feasibility     the set's constraints hold within FEAS_TOL of the dtype                     eq. (1)
-    optimality      f_G(w) - f_G* <= CERT_TOL (c + ||G w||^2) + 16 eps S(w)                    eq. (7)
+    optimality      f_G(w) - f_G(v) <= CERT_TOL (c + ||G w||^2) + 16 eps (S(w) + S(v))        eq. (7)
     agreement       |reported objective - f_G(w)| <= 16 eps S(w)                               eq. (7)
-with S(w) = c + |w|^T |K| |w| + 2 |b|^T |w| (the round-off scale of the Gram form) and f_G* the value of the
-primal cvxpy program's solution moved onto the set (so an inaccurate reference can only loosen the check).
+with S(w) = c + |w|^T |K| |w| + 2 |b|^T |w| (the round-off scale of the Gram form at w) and v the primal cvxpy
+program's solution moved onto the set (an inaccurate reference can only loosen the check); S(v) is the
+resolution at which the data define f at v (a point whose terms cancel by 1e8 is better only below it).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def primal_value(G: np.ndarray, g: np.ndarray, w) -> float:
     return float(0.5 * (e @ e))
 
 
-def primal_reference(G: np.ndarray, g: np.ndarray, method: str, k: float | None = None) -> float:
-    """The primal program with explicit G, by cvxpy/Clarabel; its point moved onto the set, then evaluated."""
+def primal_reference(G: np.ndarray, g: np.ndarray, method: str, k: float | None = None) -> tuple[float, np.ndarray]:
+    """The primal program with explicit G, by cvxpy/Clarabel; its point v moved onto the set. -> (f_G(v), v)"""
     n = G.shape[1]
     w = cp.Variable(n)
     cap = 1.0 / k if k else 1.0
@@ -64,13 +65,13 @@ def primal_reference(G: np.ndarray, g: np.ndarray, method: str, k: float | None 
         if w.value is not None and np.isfinite(w.value).all():
             break
     else:  # no reference: the optimality check is skipped (+inf), feasibility and agreement still hold
-        return float("inf")
+        return float("inf"), np.zeros(n)
     value = np.asarray(w.value, dtype=np.float64)
     if method in ("simplex", "capped_simplex"):
         value = project_capped_simplex(value, cap)
     elif method == "cone":
         value = np.maximum(value, 0.0)
-    return primal_value(G, g, value)
+    return primal_value(G, g, value), value
 
 
 def solve(solver: str, K, b, c, method: str, params: dict):
@@ -90,15 +91,21 @@ def solve(solver: str, K, b, c, method: str, params: dict):
 
 
 def violations(G, g, method: str, k: float | None, w, objective: float, reference: float,
-               dtype: torch.dtype) -> dict:
+               dtype: torch.dtype, ref_w=None) -> dict:
     """The three ratios of the module docstring (<= 1 passes) for a converged answer w."""
     cert_tol, feas_tol = tolerances(dtype)
     eps = float(torch.finfo(dtype).eps)
     Gl, gl, wl = (np.asarray(x).astype(np.longdouble) for x in (G, g, w))
     K, b = Gl.T @ Gl, Gl.T @ gl
-    S = float(gl @ gl + np.abs(wl) @ np.abs(K) @ np.abs(wl) + 2 * np.abs(b) @ np.abs(wl))
+
+    def size(v):  # S(v) of eq. (7)
+        v = np.asarray(v).astype(np.longdouble)
+        return float(gl @ gl + np.abs(v) @ np.abs(K) @ np.abs(v) + 2 * np.abs(b) @ np.abs(v))
+
+    S = size(wl)
+    S_ref = size(ref_w) if ref_w is not None else 0.0
     f = primal_value(G, g, w)
-    size = float(gl @ gl) + 2 * primal_value(G, 0 * g, w)
+    size_w = float(gl @ gl) + 2 * primal_value(G, 0 * g, w)
     feas = 0.0
     if method in ("simplex", "capped_simplex"):
         cap = 1.0 / k if k else 1.0
@@ -106,7 +113,7 @@ def violations(G, g, method: str, k: float | None, w, objective: float, referenc
     elif method == "cone":
         feas = max(0.0, -w.min())
     tiny = np.finfo(np.float64).tiny
-    return {"optimality": (f - reference) / max(cert_tol * size + 16 * eps * S, tiny),
+    return {"optimality": (f - reference) / max(cert_tol * size_w + 16 * eps * (S + S_ref), tiny),
             "agreement": abs(objective - f) / max(16 * eps * S, tiny),
             "feasibility": feas / feas_tol,
             "finite": bool(np.isfinite(w).all() and np.isfinite(objective))}

@@ -53,7 +53,7 @@ def test_cone_rank_one_more_units_than_rank():  # input 2
     G = np.array([[0.4], [0.4], [0.5]]) @ np.array([[0.0, 0.4, 1.1, 1.8, -0.2]])
     g = np.array([-0.8, -1.4, 0.3])
     d = quiet(project, *kbc(G, g), "cone")
-    best = primal_reference(G, g, "cone")
+    best, _ = primal_reference(G, g, "cone")
     assert d.info["converged"] and abs(float(d.objective) - best) <= 1e-12 and np.abs(d.weights).max() < 10
 
 
@@ -151,7 +151,7 @@ def check_instance(seed: int, family: str, scale_exp: int, method: str) -> list[
     problem = hard_problem(rng, family)
     k = float(rng.uniform(1, problem.n)) if method == "capped_simplex" else None
     params = {"k": k} if k else {}
-    reference = primal_reference(problem.G, problem.g_T, method, k)
+    reference, ref_w = primal_reference(problem.G, problem.g_T, method, k)
     failures = []
     for solver in SOLVERS:
         dtype = torch.float32 if solver == "batched32" else torch.float64
@@ -163,7 +163,7 @@ def check_instance(seed: int, family: str, scale_exp: int, method: str) -> list[
             continue
         if not converged:
             continue
-        v = violations(G, g, method, k, w, objective, reference * s * s, dtype)  # inf * s^2: no reference
+        v = violations(G, g, method, k, w, objective, reference * s * s, dtype, ref_w)  # inf * s^2: no reference
         if not v["finite"] or max(v["optimality"], v["agreement"], v["feasibility"]) > 1.0:
             failures.append(f"{solver} {method} {family} seed={seed} scale=1e{scale_exp}: {v}")
     return failures

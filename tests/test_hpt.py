@@ -183,6 +183,10 @@ def test_logged_hpt_loss_is_the_demonstration_nll(tmp_path):
     general, info_g = hpt_batch(tok, model, get_task(TARGET).grpo(3, 1, "train"), g, gen, gamma=-1)  # all RL
     assert info_t["is_sft"].all() and not info_g["is_sft"].any()
     general.extras["rewards"] = torch.rand(3 * g, generator=gen, dtype=torch.float64)  # a random model earns 0
+    # the sampled ids are scored as sampled, so a random model's completions in a group often have one length,
+    # and then the token mean of A is exactly 0: drop the last answer token of one row so the lengths differ
+    last = int(general.loss_mask[0].nonzero().max())
+    general.loss_mask[0, last] = 0
     want_target = coef * _row_nll(model, target).reshape(-1, g).mean(-1).mean()  # rows of a unit are identical
     adv = general.extras["rewards"].reshape(-1, g) - general.extras["rewards"].reshape(-1, g).mean(-1, keepdim=True)
     mask = general.loss_mask[:, 1:].double().reshape(-1, g, general.input_ids.shape[1] - 1)  # (U, G, T-1)
