@@ -1,5 +1,6 @@
 """`drpt reproduce` on a small plan: every run trains, the report aggregates over seeds, a rerun resumes;
-a run made with other settings is trained again, not served from its old summary; bad settings are refused;
+a run made with other settings is trained again (only with --overwrite), not served from its old summary; a run
+folder drpt did not make is never deleted; bad settings are refused;
 the default output is one git ignores, and a finished run leaves no weights unless --keep-checkpoints."""
 
 import dataclasses
@@ -8,7 +9,7 @@ import logging
 import os
 
 import pytest
-from tiny_lm import write_tiny_model
+from tiny_lm import tree, write_tiny_model
 
 import drpt_ref.experiments.reproduce.run as rep
 from drpt_ref.cli import main
@@ -54,14 +55,14 @@ def test_changed_settings_are_trained_again_not_served_from_the_old_summary(tmp_
     two = rep.run_one(_small(tmp_path), spec)
     assert [c[0] for c in two["curve"]] == [1, 2] and two["config"]["train"]["steps"] == 2
     with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
-        three = rep.run_one(_small(tmp_path, steps=3), spec)  # same out: the 2-step summary is stale
+        three = rep.run_one(_small(tmp_path, steps=3, overwrite=True), spec)  # same out: the 2-step summary is stale
     assert "steps: 2 -> 3" in caplog.text
     assert three["curve"] == clean["curve"] and [c[0] for c in three["curve"]] == [1, 2, 3]
     assert three["config"] == clean["config"] and not three["resumed"]
     summary = os.path.join(tmp_path, "out", "runs", spec.name, "summary.json")
     stamp = os.path.getmtime(summary)
     assert rep.run_one(_small(tmp_path, steps=3), spec) == three and os.path.getmtime(summary) == stamp  # skipped
-    retention = rep.run_one(_small(tmp_path, steps=3, retention_n=5), spec)  # a setting outside TrainConfig
+    retention = rep.run_one(_small(tmp_path, steps=3, retention_n=5, overwrite=True), spec)  # outside TrainConfig
     assert retention["config"]["retention_n"] == 5 and os.path.getmtime(summary) != stamp
 
 
@@ -73,10 +74,12 @@ def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog)
     os.remove(os.path.join(run_dir, "summary.json"))  # interrupted after its last checkpoint
     resumed = rep.run_one(_small(tmp_path, steps=3), spec)
     assert resumed["resumed"] and resumed["curve"] == clean["curve"]
-    rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True), spec)
+    with pytest.raises(ValueError, match="steps: 3 -> 2.*--overwrite"):
+        rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True), spec)
+    rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True, overwrite=True), spec)
     os.remove(os.path.join(run_dir, "summary.json"))  # a 2-step checkpoint of other settings is left
     with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
-        fresh = rep.run_one(_small(tmp_path, steps=3), spec)
+        fresh = rep.run_one(_small(tmp_path, steps=3, overwrite=True), spec)
     assert "steps: 2 -> 3" in caplog.text
     assert not fresh["resumed"] and fresh["curve"] == clean["curve"]
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -161,3 +164,40 @@ def test_reproduce_refuses_the_model_folder_and_foreign_folders(tmp_path, capsys
         main(["reproduce", "--model", cfg.model, "--out", str(foreign), "--progress", "false"])
     assert exit_.value.code == 2 and "holds files that drpt did not write" in capsys.readouterr().err
     assert os.listdir(foreign) == ["thesis.tex"]
+
+
+def test_runs_of_other_settings_need_overwrite_and_foreign_run_folders_are_never_deleted(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Finding 1a: a second reproduce with another --steps refuses (naming --overwrite) before it removes or
+    trains anything; a runs/<name> folder without drpt's marker is refused even with --overwrite."""
+    spec = rep.RunSpec("sft", "mean", 0)
+    monkeypatch.setattr(rep, "plan", lambda cfg: [spec])
+    cfg = _small(tmp_path)
+    rep.reproduce(cfg)
+    run_dir = os.path.join(cfg.out, "runs", spec.name)
+    before = tree(cfg.out)
+    with pytest.raises(ValueError, match="--overwrite"):
+        rep.reproduce(dataclasses.replace(cfg, steps=3))
+    with pytest.raises(ValueError, match="--overwrite"):
+        rep.run_one(dataclasses.replace(cfg, steps=3), spec)
+    assert tree(cfg.out) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    real = rep.train_config
+    monkeypatch.setattr(rep, "train_config", lambda c, s: dataclasses.replace(real(c, s), out=str(tmp_path / "mine")))
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="drpt did not write"):
+            rep.run_one(dataclasses.replace(cfg, overwrite=overwrite), spec)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    monkeypatch.undo()
+    monkeypatch.setattr(rep, "plan", lambda cfg: [spec])
+    again = rep.reproduce(dataclasses.replace(cfg, steps=3, overwrite=True))
+    assert [c[0] for c in again[0]["curve"]] == [1, 2, 3] and os.path.isdir(run_dir)
+
+
+def test_reproduce_help_names_what_full_changes(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--full changes some" not in text
+    assert "(default: 20; --full: 300)" in text and "(default: 2; --full: 1)" in text

@@ -45,6 +45,7 @@ class ReproduceConfig:
     model: str = "small_models/gpt2-tiny"  # the starting model (full: LARGE_MODEL, `drpt build-model --config large`)
     progress: bool = True  # a progress bar over runs
     keep_checkpoints: bool = False  # keep each run's checkpoint and final/ model (~10 MB a quick run) once summarized
+    overwrite: bool = False  # replace runs in --out made with other settings (without it such a run is refused)
 
 
 FULL = dict(seeds=5, steps=300, eval_n=500, retention_n=300, n_general=32, m_target=8, workers=1,

@@ -12,9 +12,11 @@ selection baselines (random, less, rds) and ADAPT (adapt, adapt_softmax); HPT on
 and the spectrum sweeps (k, tau, ridge, radius) between target-only and standard training. Each run
 writes its own directory; a finished run is skipped and an interrupted one resumed, so the whole
 command resumes after an interruption. A run is reused only if it was made with the same settings
-(`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly);
-a run directory left by other settings (other --steps, --model, ...) is removed and the run trained
-again, with a log line saying so. Runs go to `workers` processes, one torch thread each.
+(`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly).
+A run directory left by other settings (other --steps, --model, ...) is refused before anything runs,
+unless --overwrite, which replaces its run files (as `drpt train --overwrite`) with a log line; a run
+directory without drpt's marker is always refused, never deleted. Runs go to `workers` processes, one
+torch thread each.
 
 The output folder is marked as a reproduction (drpt_run.json, kind "reproduce"): a new or empty folder, or
 one of its own, never the --model folder nor a folder holding other files. The default is under runs/,
@@ -37,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -56,7 +57,7 @@ from drpt_ref.experiments.reproduce.plan import (
 )
 from drpt_ref.experiments.reproduce.report import write_report
 from drpt_ref.flags import check_device, check_positive_ints, field_comments, parse_bool
-from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints
+from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints, remove_path, write_json_atomic
 from drpt_ref.training.model_folder import check_model_folder
 from drpt_ref.training.run_state import PLACE_FIELDS, check_out_folder, claim_folder, read_marker
 
@@ -94,13 +95,30 @@ def stale_run(run_dir: str, config: dict) -> list[str]:
     return config_changes(stored, {"train": config["train"]})
 
 
+def run_problem(cfg: ReproduceConfig, spec: RunSpec) -> str | None:
+    """Why the run's folder may not be used as it is: it holds files but no drpt marker (never touched), or a
+    run made with other settings while --overwrite is not given; None when it is new, empty, or this run's."""
+    tcfg = train_config(cfg, spec)
+    if not os.path.isdir(tcfg.out) or not os.listdir(tcfg.out):
+        return None
+    if read_marker(tcfg.out) is None:
+        return (f"{tcfg.out!r} holds files that drpt did not write and no drpt_run.json; drpt never deletes "
+                "them: move them away or choose another --out.")
+    changes = stale_run(tcfg.out, run_config(cfg, tcfg))
+    if changes and not cfg.overwrite:
+        return (f"{tcfg.out!r} holds run {spec.name} made with other settings ({'; '.join(changes)}); pass "
+                "--overwrite to replace the runs made with other settings, or choose another --out.")
+    return None
+
+
 def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     """Train (or resume, or skip) one run, then the retention check; returns and stores its summary.
 
     Skipped: a summary made with the same settings (run_config) is returned as is. Resumed: an interrupted
-    run with the same settings continues from its checkpoint. Anything else in the run's directory (made
-    with other settings, or not marked as a drpt run) is removed first, with a log line naming why, and the
-    run trained anew. Unless cfg.keep_checkpoints, the checkpoint and final/ go once the summary is written.
+    run with the same settings continues from its checkpoint. A run made with other settings is replaced (its
+    run files only, as `drpt train --overwrite`) with cfg.overwrite and refused without; a folder without the
+    drpt marker is always refused, never deleted (`run_problem`). Unless cfg.keep_checkpoints, the checkpoint
+    and final/ go once the summary is written.
     """
     import torch
     from transformers.utils import logging as hf_logging
@@ -111,21 +129,21 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # one bar over runs is enough
+    problem = run_problem(cfg, spec)
+    if problem is not None:
+        raise ValueError(problem)
     tcfg = train_config(cfg, spec)
     config = run_config(cfg, tcfg)
     summary_path = os.path.join(tcfg.out, "summary.json")
     changes = stale_run(tcfg.out, config)
-    if not changes and os.path.isdir(tcfg.out) and read_marker(tcfg.out) is None and os.listdir(tcfg.out):
-        changes = ["not marked as a drpt run (a folder from an older drpt)"]
-    if changes:
-        log.warning("run %s in %s was made with other settings (%s); removing it and training it again",
+    if changes:  # cfg.overwrite (run_problem): train --overwrite removes the old run's files, nothing else
+        log.warning("run %s in %s was made with other settings (%s); --overwrite: training it again",
                     spec.name, tcfg.out, "; ".join(changes))
-        shutil.rmtree(tcfg.out)
-    summary = read_json(summary_path)
+    summary = read_json(summary_path) if not changes else None
     if summary is not None:
         drop_weights(cfg, tcfg.out)  # a run summarized just before an interruption
         return summary
-    resume = find_checkpoint(tcfg.out) is not None
+    resume = not changes and find_checkpoint(tcfg.out) is not None
     start = time.perf_counter()
     train(dataclasses.replace(tcfg, resume=resume, overwrite=not resume and os.path.isdir(tcfg.out)))
     wall = time.perf_counter() - start
@@ -142,9 +160,7 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
         "seconds_per_step": sum(step_seconds) / len(step_seconds), "wall_seconds": wall, "resumed": resume,
         "curve": [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in metrics if "eval_loss" in r],
     }
-    with open(summary_path + ".tmp", "w") as f:
-        json.dump(summary, f)
-    os.replace(summary_path + ".tmp", summary_path)  # a summary is whole or absent
+    write_json_atomic(summary_path, summary)  # a summary is whole or absent
     drop_weights(cfg, tcfg.out)
     return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
 
@@ -153,8 +169,8 @@ def drop_weights(cfg: ReproduceConfig, run_dir: str) -> None:
     """Remove a summarized run's checkpoint and final/ model, unless --keep-checkpoints."""
     if not cfg.keep_checkpoints:
         remove_checkpoints(run_dir)
-        if os.path.isdir(os.path.join(run_dir, FINAL)):
-            shutil.rmtree(os.path.join(run_dir, FINAL))
+        if os.path.lexists(os.path.join(run_dir, FINAL)):
+            remove_path(os.path.join(run_dir, FINAL))  # a symlink is unlinked, never followed
 
 
 def check_config(cfg: ReproduceConfig) -> None:
@@ -172,9 +188,12 @@ def check_config(cfg: ReproduceConfig) -> None:
 
 def reproduce(cfg: ReproduceConfig) -> list[dict]:
     check_config(cfg)
+    specs = plan(cfg)
+    problems = [p for p in (run_problem(cfg, spec) for spec in specs) if p is not None]
+    if problems:  # refused before any run is trained or removed
+        raise ValueError(f"--out {cfg.out!r}: {len(problems)} of its runs cannot be reused: {problems[0]}")
     claim_folder(cfg.out, "reproduce")
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
-    specs = plan(cfg)
     summaries = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
         futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
@@ -185,6 +204,11 @@ def reproduce(cfg: ReproduceConfig) -> list[dict]:
     with open(os.path.join(cfg.out, "summaries.json"), "w") as f:
         json.dump(summaries, f)
     return summaries
+
+
+def full_default(name: str) -> str:
+    """'; --full: VALUE' for a setting whose default --full changes, '' otherwise (shown in --help)."""
+    return f"; --full: {FULL[name]}" if name in FULL else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "str": str, "bool": parse_bool}[f.type]
         extra = dict(nargs="?", const=True, metavar="BOOL") if f.type == "bool" else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"{comments.get(f.name, '')} (default: {f.default}; --full changes some)", **extra)
+                            help=f"{comments.get(f.name, '')} (default: {f.default}{full_default(f.name)})", **extra)
 
 
 def run(args: argparse.Namespace) -> int:
