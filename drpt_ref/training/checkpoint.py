@@ -16,6 +16,7 @@ tensors do not fit the model and optimizer (names, shapes, dtypes; every optimiz
 this optimizer creates must be there). Nothing is restored until everything is checked.
 
 Checkpoints are safetensors and JSON only (no pickle); model folders are loaded by training/model_folder.py.
+Files are created exclusively and deleted without following symlinks (training/run_files.py).
 `save_final` publishes a run's final/ model by renames, like a checkpoint.
 
 Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
@@ -28,11 +29,13 @@ import inspect
 import json
 import os
 import re
-import shutil
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from drpt_ref.training import run_files
+from drpt_ref.training.run_files import remove_path
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -45,42 +48,9 @@ FORMAT = 1  # the layout above; a checkpoint of another format is refused
 _NAME = re.compile(r"checkpoint-(\d{6,})")
 
 
-# ---- file operations: every write of a save goes through these (tests interrupt each in turn) -----------------
-
-def _write(path: str, data: bytes) -> None:
-    """Write a whole file and make it durable before anything refers to it."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _make_dir(path: str) -> None:
-    os.mkdir(path)
-
-
-def _rename(src: str, dst: str) -> None:
-    os.rename(src, dst)
-
-
-def remove_path(path: str) -> None:
-    """Delete a file or a folder tree."""
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def _sync_dir(path: str) -> None:
-    """fsync a folder, so the names created or renamed in it survive a crash of the machine."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """A JSON file replaced in one rename: a reader sees the old file or the new one, never half of one."""
-    _write(path + ".tmp", (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-    os.replace(path + ".tmp", path)
+# ---- file operations (training/run_files.py): every write of a save goes through these names, which tests
+# replace one at a time to interrupt a save at each of them
+_write, _make_dir, _rename, _sync_dir = run_files.write_new, run_files.make_dir, run_files.rename, run_files.sync_dir
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
@@ -308,7 +278,7 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
     folder = find_checkpoint(run_dir)
     if folder is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} (no {PREFIX}NNNNNN folder); "
-                                "start without --resume.")
+                                "start it again with --overwrite instead of --resume.")
     step, blobs = _verified_files(folder)
     spath, tpath = os.path.join(folder, STATE), os.path.join(folder, TENSORS)
     try:

@@ -7,12 +7,16 @@ A run directory holds
     metrics.jsonl        one JSON object per step
     checkpoint-NNNNNN/   the last checkpoint, atomic and verified on resume (training/checkpoint.py)
     final/               the model at the end (safetensors, config, tokenizer)
+    drpt_run.lock        while a drpt process writes the folder: its pid (training/run_files.py); a second
+                         process is refused, a lock whose process is gone is taken over with a message
 
 Resume is bitwise: every random draw of a step is seeded from (seed, step) (see `step_generator`),
 so the checkpoint needs no global RNG state. On resume the metrics log is cut back to the checkpoint's
 step (a torn last line, what a kill during a write leaves, is dropped with a message) and must then hold
 exactly the steps 1..step, so the resumed run appends what the uninterrupted one would have written.
-A new run into the folder of an old one needs --overwrite, which removes only what a run writes.
+A new run into the folder of an old one needs --overwrite, which removes only what a run writes (a symlink
+among them is unlinked, never followed). Files are replaced through PATH.tmp created anew, never through a
+symlink of that name.
 
 Shapes: no tensors here but the generators.
 """
@@ -25,7 +29,8 @@ import os
 import torch
 
 from drpt_ref.flags import check_out_path
-from drpt_ref.training.checkpoint import FINAL, remove_checkpoints, remove_path, write_json_atomic
+from drpt_ref.training.checkpoint import FINAL, remove_checkpoints
+from drpt_ref.training.run_files import LOCK, remove_path, write_bytes_atomic, write_json_atomic
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -73,7 +78,9 @@ def check_out_folder(out: str, kind: str, model: str | None = None, reuse: bool 
     if not os.path.isdir(out):
         return
     marker = read_marker(out)
-    contents = sorted(set(os.listdir(out)) - {MARKER + ".tmp"})
+    drpt_own = lambda n: n in (MARKER + ".tmp", LOCK) and os.path.isfile(os.path.join(out, n)) and \
+        not os.path.islink(os.path.join(out, n))  # noqa: E731  left by a kill (a symlink is never drpt's)
+    contents = sorted(n for n in os.listdir(out) if not drpt_own(n))
     if marker is None and contents:
         raise ValueError(f"--out {out!r} holds files that drpt did not write ({', '.join(contents[:4])}"
                          f"{', ...' if len(contents) > 4 else ''}) and no {MARKER}; drpt writes only into an empty "
@@ -156,7 +163,7 @@ class MetricsLog:
     def __init__(self, run_dir: str, resume_step: int | None = None, drop: tuple[str, ...] = ()):
         self.path = os.path.join(run_dir, METRICS)
         if resume_step is None:
-            open(self.path, "w").close()
+            write_bytes_atomic(self.path, b"")
             return
         lines = []
         if os.path.exists(self.path):
@@ -169,9 +176,7 @@ class MetricsLog:
                              "checkpoint; start a new run with --overwrite.")
         kept[-1:] = [{k: v for k, v in r.items() if k not in drop} for r in kept[-1:]]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-        with open(self.path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(self.path + ".tmp", self.path)
+        write_bytes_atomic(self.path, text.encode())  # never through a symlink named metrics.jsonl.tmp
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -19,7 +19,8 @@ Outputs in --out (training/run_state.py): drpt_run.json (the marker of a run fol
 metrics.jsonl (step, losses, objective, alpha, weights per general unit with its source task and group,
 time per phase, held-out target accuracy and loss at intervals, method_info of a weight rule, batch_info:
 HPT's gate counts), checkpoint-NNNNNN/ (the last checkpoint, atomic, verified on --resume:
-training/checkpoint.py), final/ (the model and tokenizer, safetensors). Nothing is written before every
+training/checkpoint.py), final/ (the model and tokenizer, safetensors), drpt_run.lock while the run is
+written (a second process into the same --out is refused). Nothing is written before every
 flag, the --model folder (safetensors only) and, on --resume, the checkpoint are checked; --out may not
 overlap --model nor hold anything but a drpt run.
 
@@ -49,6 +50,7 @@ from drpt_ref.training.evaluate import evaluate_task
 from drpt_ref.training.hpt import HPTLoss, hpt_batch
 from drpt_ref.training.model_folder import check_model_folder, load_model_folder
 from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
+from drpt_ref.training.run_files import acquire_lock, release_lock
 from drpt_ref.training.run_state import (
     MetricsLog,
     check_out_folder,
@@ -228,8 +230,18 @@ def train(cfg: TrainConfig) -> str:
     check_config(cfg)
     if cfg.resume:
         if find_checkpoint(cfg.out) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r}; start without --resume.")
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r} (the run stopped before its first "
+                                    "checkpoint, or never started); start it again with --overwrite instead of "
+                                    "--resume.")
         check_resumed_config(cfg.out, dataclasses.asdict(cfg))
+    lock = acquire_lock(cfg.out)  # one drpt process per run folder; released however the run ends
+    try:
+        return _train(cfg)
+    finally:
+        release_lock(lock)
+
+
+def _train(cfg: TrainConfig) -> str:
     torch.manual_seed(cfg.seed)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------

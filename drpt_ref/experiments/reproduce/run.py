@@ -57,8 +57,9 @@ from drpt_ref.experiments.reproduce.plan import (
 )
 from drpt_ref.experiments.reproduce.report import write_report
 from drpt_ref.flags import check_device, check_positive_ints, field_comments, parse_bool
-from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints, remove_path, write_json_atomic
+from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints
 from drpt_ref.training.model_folder import check_model_folder
+from drpt_ref.training.run_files import remove_path, write_json_atomic
 from drpt_ref.training.run_state import PLACE_FIELDS, check_out_folder, claim_folder, read_marker
 
 log = logging.getLogger(__name__)
