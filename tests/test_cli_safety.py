@@ -100,3 +100,24 @@ def test_eval_and_reproduce_devices(model, tmp_path, capsys, device):
     assert f"--device '{device}'" in _usage_error(["eval", "--model", model, "--device", device], capsys)
     argv = ["reproduce", "--model", model, "--out", str(tmp_path / "never"), "--device", device]
     assert f"--device '{device}'" in _usage_error(argv, capsys)
+
+
+def test_eval_json_never_overwrites_a_model_file_or_a_foreign_file(model, tmp_path, capsys):
+    """Finding 1b: --json inside --model (even through a symlink) and an existing file that is not an eval table
+    are refused before evaluation; an earlier eval table is replaced."""
+    before = tree(model)
+    link = tmp_path / "link"
+    os.symlink(os.path.join(model, "config.json"), link)
+    for path in (os.path.join(model, "config.json"), os.path.join(model, "rows.json"), str(link)):
+        assert "inside the --model folder" in _usage_error(["eval", "--model", model, "--n", "1", "--json", path],
+                                                            capsys)
+    assert tree(model) == before
+    notes = tmp_path / "notes.json"
+    notes.write_text("{\"mine\": 1}")
+    err = _usage_error(["eval", "--model", model, "--n", "1", "--task", "add2", "--json", str(notes)], capsys)
+    assert "--json" in err and "not a table written by `drpt eval --json`" in err
+    assert notes.read_text() == "{\"mine\": 1}"
+    rows = tmp_path / "rows.json"
+    for _ in range(2):  # a new file, then the earlier table replaced
+        assert main(["eval", "--model", model, "--n", "1", "--task", "add2", "--json", str(rows)]) == 0
+    assert '"task": "add2"' in rows.read_text()

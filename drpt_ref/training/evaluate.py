@@ -34,6 +34,7 @@ from drpt_ref.data.tasks import get_task, task_names
 from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
 from drpt_ref.flags import check_device, check_out_path, check_positive_ints
 from drpt_ref.training.model_folder import load_model_folder
+from drpt_ref.training.run_files import write_json_atomic
 
 MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
 
@@ -142,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch (default: 256)")
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--json", default="", help="also write the rows to this file (new, or an earlier "
+                        "`drpt eval --json` table; never inside --model)")
 
 
 def run(args) -> int:
@@ -151,14 +153,37 @@ def run(args) -> int:
         raise ValueError(f"--split {args.split!r} must be 'eval' (held out) or 'train'.")
     check_device(args.device)
     if args.json:
-        check_out_path(os.path.dirname(os.path.abspath(args.json)), "--json")
-        if os.path.isdir(args.json):
-            raise ValueError(f"--json {args.json!r} is a folder; name a file to write the rows to.")
+        check_json_out(args.json, args.model)
     torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device)
     rows = evaluate_tasks(model, tok, args.task, args.n, args.seed, args.split, args.batch_size)
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json_atomic(args.json, rows)  # replaces the name (a symlink too), never writes through it
     return 0
+
+
+def _is_eval_table(path: str) -> bool:
+    """Whether `path` holds what `drpt eval --json` writes: a JSON list of rows with task, n and accuracy."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"task", "n", "accuracy"} <= r.keys()
+                                          for r in rows)
+
+
+def check_json_out(path: str, model: str) -> None:
+    """Refuse a --json path inside the --model folder, a folder, or an existing file that is not an earlier
+    eval table (drpt replaces only what it wrote)."""
+    check_out_path(os.path.dirname(os.path.abspath(path)), "--json")
+    real, folder = os.path.realpath(path), os.path.realpath(model)
+    if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--json {path!r} lies inside the --model folder {model!r}; drpt never writes into a "
+                         "model folder: choose another --json.")
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; name a file to write the rows to.")
+    if os.path.lexists(path) and not _is_eval_table(path):
+        raise ValueError(f"--json {path!r} exists and is not a table written by `drpt eval --json`; drpt does "
+                         "not overwrite it: choose another --json or remove the file.")
