@@ -121,3 +121,32 @@ def test_eval_json_never_overwrites_a_model_file_or_a_foreign_file(model, tmp_pa
     for _ in range(2):  # a new file, then the earlier table replaced
         assert main(["eval", "--model", model, "--n", "1", "--task", "add2", "--json", str(rows)]) == 0
     assert '"task": "add2"' in rows.read_text()
+
+
+def test_build_model_writes_only_new_empty_or_its_own_folders(model, tmp_path, capsys):
+    """Finding 1d: build-model refuses, before training, a folder it did not write and (without --overwrite)
+    one it built; --overwrite replaces its own model. The shipped model folder is never written by a test."""
+    tiny = ["build-model", "--steps", "1", "--warmup", "1", "--eval-n", "1", "--n-layer", "1", "--n-embd", "16",
+            "--n-head", "2", "--batch-size", "2", "--progress", "false"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    for flags in ([], ["--overwrite"]):
+        assert "did not write" in _usage_error([*tiny, "--out", str(mine), *flags], capsys)
+    assert tree(mine) == {"README.md": b"my notes"}
+    before = tree(model)  # the test model has no build-model card
+    assert "did not write" in _usage_error([*tiny, "--out", model, "--overwrite"], capsys)
+    assert tree(model) == before
+    built = tmp_path / "built"
+    assert main([*tiny, "--out", str(built)]) == 0
+    card = (built / "card.json").read_bytes()
+    assert "--overwrite" in _usage_error([*tiny, "--out", str(built)], capsys)
+    assert (built / "card.json").read_bytes() == card
+    assert main([*tiny, "--out", str(built), "--overwrite", "--seed", "1"]) == 0
+    assert (built / "card.json").read_bytes() != card
+
+
+def test_bias_variance_defaults_to_an_ignored_folder(capsys):
+    with pytest.raises(SystemExit):
+        main(["bias-variance", "--help"])
+    assert "(default: runs/bias_variance" in " ".join(capsys.readouterr().out.split())

@@ -6,7 +6,7 @@ there is nothing to learn from them). It ends up good at the helpful tasks and w
 hopeless on the target, which is the starting point the post-training experiments need: SFT has
 room to improve and GRPO gets non-zero reward from the first step.
 
-    drpt build-model                                  # the shipped checkpoint (CPU, a few minutes)
+    drpt build-model --overwrite                      # rebuild the shipped checkpoint (CPU, a few minutes)
     drpt build-model --config large --device cuda     # 6 layers x 256 for GPU reproductions: writes
                                                       # small_models/gpt2-large-repro, the model of `reproduce --full`
     drpt build-model --steps 40 --out /tmp/m          # any field of BuildConfig is a --key value
@@ -14,6 +14,8 @@ room to improve and GRPO gets non-zero reward from the first step.
 Deterministic: seeds python and torch, deterministic torch algorithms, a fixed thread count;
 same config and same machine type -> bitwise the same weights. Writes model.safetensors,
 config.json, the tokenizer files, card.json (config, accuracies, time) and README.md (the card).
+--out must be new, empty, or a folder built by `drpt build-model` (its card.json), which only --overwrite
+replaces; anything else is refused before training (`check_build_out`).
 
 Shapes:
     input_ids, attention_mask, labels   (B, T)   one training batch, right-padded
@@ -36,8 +38,9 @@ from tqdm import tqdm
 
 from drpt_ref.data.tasks import general_pool, get_task, parse_weights
 from drpt_ref.data.tokenizer import build_tokenizer, encode_sft, save_tokenizer
-from drpt_ref.flags import field_comments, parse_bool
+from drpt_ref.flags import check_out_path, field_comments, parse_bool
 from drpt_ref.training.evaluate import answer_nll, evaluate_tasks, format_table
+from drpt_ref.training.run_files import write_bytes_atomic
 
 # Default mixture: the general pool at equal weight, plus the target's format at a small weight.
 DEFAULT_MIX = "add2:1,carry:0.5,copy:1,reverse:1,sort:1,add3_rev:0.8,add3_noisy:0.3,add3:0.25"
@@ -173,10 +176,10 @@ def write_checkpoint(cfg: BuildConfig, model, card: dict, rows: list[dict]) -> N
     os.makedirs(cfg.out, exist_ok=True)
     model.save_pretrained(cfg.out, safe_serialization=True)
     save_tokenizer(cfg.out)
-    with open(os.path.join(cfg.out, "card.json"), "w") as f:
-        json.dump(card, f, indent=2, sort_keys=True)
-    with open(os.path.join(cfg.out, "README.md"), "w") as f:
-        f.write(render_card(card, format_table(rows), command_line(cfg)))
+    write_bytes_atomic(os.path.join(cfg.out, "README.md"),
+                       render_card(card, format_table(rows), command_line(cfg)).encode())
+    write_bytes_atomic(os.path.join(cfg.out, "card.json"),  # last: the card marks a finished build
+                       json.dumps(card, indent=2, sort_keys=True).encode())
 
 
 def command_line(cfg: BuildConfig) -> str:
@@ -257,9 +260,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's value)")
 
 
+    parser.add_argument("--overwrite", type=parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                        help="replace a model that `drpt build-model` wrote in --out (default: False: refused)")
+
+
+def _is_build_card(path: str) -> bool:
+    try:
+        with open(path) as f:
+            card = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(card, dict) and {"config", "parameters", "accuracy"} <= card.keys()
+
+
+def check_build_out(out: str, overwrite: bool) -> None:
+    """Refuse an --out that build-model must not write: a file, a folder holding files it did not write (no
+    build-model card.json), or an earlier build without --overwrite. Writes nothing."""
+    check_out_path(out, "--out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not _is_build_card(os.path.join(out, "card.json")):
+        raise ValueError(f"--out {out!r} holds files that `drpt build-model` did not write (no card.json of its "
+                         "own); drpt writes a model only into a new or empty folder or one it built: choose "
+                         "another --out.")
+    if not overwrite:
+        raise ValueError(f"--out {out!r} holds a model built by `drpt build-model` already; replace it with "
+                         "--overwrite, or choose another --out.")
+
+
 def run(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    result = build(make_config(overrides))
+    overwrite = bool(overrides.pop("overwrite", False))
+    cfg = make_config(overrides)
+    if cfg.out:
+        check_build_out(cfg.out, overwrite)
+    result = build(cfg)
     print(format_table(result["rows"]))
     print(f"parameters {result['card']['parameters']:,}; trained in {result['card']['train_seconds']} s")
     return 0

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resamples", type=int, default=None, help="R target batches (linear 400, gpt2 200)")
     parser.add_argument("--points", type=int, default=9, help="positions per knob path")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/bias_variance", help="folder for the table and the plot")
+    parser.add_argument("--out", default="runs/bias_variance",
+                        help="folder for the table and the plot (default: runs/bias_variance, which git ignores)")
     parser.add_argument("--model", default="small_models/gpt2-tiny", help="gpt2 only: the model folder")
 
 
