@@ -97,8 +97,9 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
                       ridge=None if ridge is None else ridge[i:i + 1], dtype=K.dtype)
         if bool(one["passed"][0]) or not float(cert["certificate"][i]) <= float(one["certificate"][0]):  # NaN loses
             w[i] = w_i[0]
-            for key in ("passed", "certificate", "feasibility"):
+            for key in ("passed", "certificate", "feasibility", "objective"):
                 cert[key][i] = one[key][0]
+    info["_objective"] = cert["objective"]  # eq. (2) at the returned w, already computed (Dot2) by the certificate
     info.update(converged=cert["passed"], certificate=cert["certificate"].to(K.dtype),
                 certificate_kind=cert["certificate_kind"], feasibility=cert["feasibility"].to(K.dtype),
                 repaired=torch.zeros_like(cert["passed"]).index_fill_(
@@ -192,7 +193,10 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
         if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
             w = _certify_and_repair(K, b, c, method, p, w, info, repair)
-        objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative
+        if method in ITERATIVE:  # alpha = 0: the certificate's objective is eq. (2) at w (computed once)
+            objective = info.pop("_objective").to(dtype)
+        else:
+            objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative
         if method == "subspace":
             info["program_value"] = objective + 0.5 * p["ridge"] * ((w - uniform) ** 2).sum(-1)  # the ridge term
         info.setdefault("program_value", objective)
