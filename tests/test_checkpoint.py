@@ -299,3 +299,103 @@ def test_sgd_checkpoints_round_trip_and_are_checked(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
         with pytest.raises(ValueError, match="this run uses AdamW"):
             ck.load_checkpoint(str(run), fresh, torch.optim.AdamW(fresh.parameters()))
+
+
+# ---- review findings 2b, 2c, 3: checkpoints bound to their run, rule state and optimizer values checked ------
+
+def _consistent_edit(out, change_state=None, change_tensors=None):
+    """Edit the checkpoint and rewrite its manifest: consistent on disk, wrong for the run."""
+    if change_state is not None:
+        _edit_state(out, change_state)
+    if change_tensors is not None:
+        _edit_tensors(out, change_tensors)
+    _resign(out)
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused(runs, tmp_path):
+    other = train(small_run(runs["model"], tmp_path / "seed1", steps=EVERY, checkpoint_every=EVERY,
+                            eval_every=EVERY, seed=1))
+    out = _copy(runs, tmp_path)
+    shutil.rmtree(_folder(out))
+    shutil.copytree(_folder(other), _folder(out))
+    before = tree(out)
+    with pytest.raises(ValueError, match="belongs to run .* a checkpoint copied from another run") as err:
+        _resume(runs, out)
+    assert os.path.join(_folder(out), ck.STATE) in str(err.value) and tree(out) == before
+
+
+def test_an_sgd_step_forgery_is_refused(runs, tmp_path):
+    """SGD keeps no step count: the step in the safetensors metadata catches a consistent edit of the step."""
+    sgd = dict(steps=EVERY, checkpoint_every=EVERY, eval_every=EVERY, optimizer="sgd")
+    out = train(small_run(runs["model"], tmp_path / "sgd", **sgd))
+    _edit_state(out, lambda s: {**s, "step": 1})
+    os.rename(_folder(out), os.path.join(out, ck.checkpoint_name(1)))
+    folder = os.path.join(out, ck.checkpoint_name(1))
+    with open(os.path.join(folder, ck.MANIFEST), "w") as f:
+        json.dump(ck.manifest_of(folder, 1), f)
+    with pytest.raises(ValueError, match="records step '2', but the checkpoint is of step 1"):
+        train(small_run(runs["model"], out, **{**sgd, "steps": STEPS}, resume=True))
+
+
+@pytest.mark.parametrize("value", ["x", 3, None])
+def test_optimizer_values_of_the_wrong_type_are_refused_before_anything_changes(runs, tmp_path, value):
+    """A non-tensor optimizer value AdamW does not keep (here a 'momentum_buffer' for one parameter) is refused
+    naming state.json, with the metrics and config untouched (before: an error at the next step, after the
+    metrics were cut back and the config rewritten)."""
+    out = _copy(runs, tmp_path)
+    with open(os.path.join(_folder(out), ck.TENSORS), "rb") as f:
+        name = next(k for k in load_tensors(f.read()) if k.endswith(".exp_avg"))[len("optim."):-len(".exp_avg")]
+
+    def change(s):
+        s["optimizer"]["scalars"][name] = {"momentum_buffer": value}
+        return s
+    _consistent_edit(out, change)
+    before = tree(out)
+    with pytest.raises(ValueError, match="optimizer values \\['momentum_buffer'\\]") as err:
+        _resume(runs, out)
+    assert os.path.join(_folder(out), ck.STATE) in str(err.value) and tree(out) == before
+
+
+@pytest.mark.parametrize("rule_state", [{}, {"centroid": [0.5, 0.5], "encoded_at": 1, "dtype": "float64"},
+                                        {"centroid": "x", "encoded_at": 1, "dtype": "float64"}, None],
+                         ids=["empty", "wrong-shape", "not-a-list", "missing"])
+def test_an_adapt_rule_state_that_does_not_fit_is_refused(runs, tmp_path, rule_state):
+    cfg = dict(steps=EVERY, checkpoint_every=EVERY, eval_every=EVERY, method="adapt")
+    out = train(small_run(runs["model"], tmp_path / "adapt", **cfg))
+
+    def change(s):
+        if rule_state is None:
+            s["extra"].pop("rule_state")
+        else:
+            s["extra"]["rule_state"] = rule_state
+        return s
+    _consistent_edit(out, change)
+    before = tree(out)
+    with pytest.raises(ValueError, match="state of the weight rule|holds no state of the weight rule") as err:
+        train(small_run(runs["model"], out, **{**cfg, "steps": STEPS}, resume=True))
+    assert os.path.join(_folder(out), ck.STATE) in str(err.value) and tree(out) == before
+
+
+def test_symlinked_checkpoint_and_final_are_never_followed(runs, tmp_path, capsys):
+    out = _copy(runs, tmp_path)
+    elsewhere = str(tmp_path / "elsewhere")
+    shutil.move(_folder(out), elsewhere)
+    os.symlink(elsewhere, _folder(out))
+    before = tree(elsewhere)
+    with pytest.raises(ValueError, match="is a symlink"):
+        _resume(runs, out)
+    shutil.rmtree(os.path.join(out, "final"))
+    os.symlink(elsewhere, os.path.join(out, "final"))
+    train(small_run(runs["model"], out, steps=EVERY, checkpoint_every=EVERY, eval_every=EVERY, overwrite=True))
+    assert tree(elsewhere) == before and not os.path.islink(os.path.join(out, "final"))
+
+
+def test_a_model_whose_config_is_a_json_list_is_a_usage_error(runs, tmp_path, capsys):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(runs["model"], bad)
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", bad, "--n", "1", "--task", "add2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "config.json" in err and "Traceback" not in err

@@ -128,6 +128,14 @@ class AdaptRule(WeightRule):
                 "dtype": str(self.centroid.dtype).removeprefix("torch.")}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.centroid = torch.tensor(state["centroid"], dtype=getattr(torch, state["dtype"]))
-            self.encoded_at = int(state["encoded_at"])
+        """Restore the anchor centroid; ValueError unless `state` is what state_dict wrote after an encoding
+        (a checkpoint is taken after a step, and every step encodes the anchors first)."""
+        if set(state) != {"centroid", "encoded_at", "dtype"}:
+            raise ValueError(f"the ADAPT rule state has keys {sorted(state)}, not ['centroid', 'dtype', 'encoded_at']")
+        c, at, dtype = state["centroid"], state["encoded_at"], state["dtype"]
+        if dtype not in ("float32", "float64") or type(at) is not int or at < 0 or not isinstance(c, list) or \
+                not c or not all(type(x) in (int, float) for x in c):
+            raise ValueError(f"the ADAPT rule state is malformed (dtype {dtype!r}, encoded_at {at!r}, a centroid "
+                             "that must be a non-empty list of numbers)")
+        self.centroid = torch.tensor(c, dtype=getattr(torch, dtype))  # (d,)
+        self.encoded_at = at

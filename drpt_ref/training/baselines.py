@@ -138,14 +138,25 @@ class LessRule(WeightRule):
         self.subset = sorted(topk_indices(s, count).tolist())
 
     def restrict_pool(self, pool: list) -> list:
+        if self.mode == "offline" and any(i >= len(pool) for i in self.subset):
+            raise ValueError(f"the LESS subset indexes past the pool of {len(pool)} units")
         return pool if self.mode == "online" else [pool[i] for i in self.subset]
 
     def state_dict(self) -> dict:
         return {"subset": self.subset} if self.mode == "offline" else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.mode == "offline":
-            self.subset = list(state["subset"])
+        """Restore the offline subset; ValueError unless `state` is what state_dict wrote for this mode."""
+        if self.mode == "online":
+            if state:
+                raise ValueError(f"online LESS keeps no state, the checkpoint holds {sorted(state)}")
+            return
+        subset = state.get("subset")
+        if set(state) != {"subset"} or not isinstance(subset, list) or not subset or \
+                any(type(i) is not int or i < 0 for i in subset) or len(set(subset)) != len(subset):
+            raise ValueError("the offline LESS state must be {'subset': [distinct pool indices]}, got "
+                             f"keys {sorted(state)}")
+        self.subset = list(subset)
 
 
 class RdsRule(WeightRule):

@@ -25,7 +25,6 @@ Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from drpt_ref.training import run_files
+from drpt_ref.training.checkpoint_checks import check_tensors
 from drpt_ref.training.run_files import remove_path
 
 TENSORS = "tensors.safetensors"
@@ -89,12 +89,14 @@ def manifest_of(folder: str, step: int) -> dict:
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict | None = None) -> str:
-    """Write the checkpoint of `step` atomically (see the module docstring); return its folder."""
+                    extra: dict | None = None, run_id: str = "") -> str:
+    """Write the checkpoint of `step` atomically (see the module docstring); return its folder. `run_id` binds
+    it to its run: stored in state.json and, with the step, in the safetensors metadata."""
     tensors, scalars = _tensors_and_scalars(model, optimizer)
-    state = {"format": FORMAT, "step": step, "extra": extra or {},
+    state = {"format": FORMAT, "step": step, "extra": extra or {}, "run_id": run_id,
              "optimizer": {"class": type(optimizer).__name__, "scalars": scalars}}
-    blobs = {TENSORS: save_tensors(tensors), STATE: json.dumps(state, sort_keys=True).encode()}
+    blobs = {TENSORS: save_tensors(tensors, metadata={"step": str(step), "run_id": run_id}),
+             STATE: json.dumps(state, sort_keys=True).encode()}
     manifest = {"format": FORMAT, "step": step,
                 "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()}}
     tmp, dest = os.path.join(run_dir, TMP), os.path.join(run_dir, checkpoint_name(step))
@@ -200,85 +202,27 @@ def _verified_files(folder: str) -> tuple[int, dict[str, bytes]]:
     return step, blobs
 
 
-def _optimizer_slots(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict:
-    """What one step of this optimizer stores for `param`: key -> (shape, dtype) of a tensor, or None for a
-    non-tensor. Found by stepping a fresh optimizer of the same class and options on a (2, 3) probe."""
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    options = {k: v for k, v in group.items() if k != "params" and k in accepted}
-    probe = torch.zeros(2, 3, dtype=param.dtype, requires_grad=True)
-    probe.grad = torch.zeros_like(probe)
-    opt = type(optimizer)([probe], **options)
-    opt.step()
-    slots = {}
-    for key, value in opt.state[probe].items():
-        if torch.is_tensor(value):
-            slots[key] = (tuple(param.shape) if tuple(value.shape) == (2, 3) else tuple(value.shape), value.dtype)
-        else:
-            slots[key] = None
-    return slots
+def _tensor_metadata(path: str, data: bytes) -> dict:
+    """The __metadata__ of a safetensors file (its header is checked by the load before)."""
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
-def _shape_dtype(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
-def _check_tensors(path: str, tensors: dict, state_path: str, state: dict, model, optimizer) -> dict:
-    """The model's state (name -> tensor) from `tensors`, after every name, shape and dtype is checked."""
-    expected, seen = {}, set()
-    for k, v in model.state_dict().items():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            expected[k] = v
-    stored = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} holds the tensors of another model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all); resume with the "
-                         "--model the run started from.")
-    for k, v in stored.items():
-        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise ValueError(f"{path}: 'model.{k}' has {_shape_dtype(v)}, the model's has "
-                             f"{_shape_dtype(expected[k])}; resume with the run's --model and --dtype.")
-    opt = state["optimizer"]
-    if opt.get("class") != type(optimizer).__name__ or not isinstance(opt.get("scalars"), dict):
-        raise ValueError(f"{state_path}: the optimizer state is of {opt.get('class')!r}, this run uses "
-                         f"{type(optimizer).__name__}; resume with the run's --optimizer.")
-    names = {id(p): n for n, p in model.named_parameters()}
-    wanted = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            for key, slot in _optimizer_slots(optimizer, group, p).items():
-                if slot is None:
-                    if key not in opt["scalars"].get(name, {}):
-                        raise ValueError(f"{state_path}: no optimizer value {key!r} for {name!r}.")
-                    continue
-                tname = f"optim.{name}.{key}"
-                wanted.add(tname)
-                if tname not in tensors:
-                    raise ValueError(f"{path}: the optimizer tensor {tname!r} is missing (a resume would start a "
-                                     "fresh optimizer state and end elsewhere than the uninterrupted run).")
-                if (tuple(tensors[tname].shape), tensors[tname].dtype) != slot:
-                    raise ValueError(f"{path}: {tname!r} has {_shape_dtype(tensors[tname])}, expected shape "
-                                     f"{slot[0]} {str(slot[1]).removeprefix('torch.')}.")
-                if key == "step" and float(tensors[tname]) != state["step"]:  # one optimizer step per training step
-                    raise ValueError(f"{path}: the optimizer has taken {float(tensors[tname]):g} steps but the "
-                                     f"checkpoint says step {state['step']} ({state_path}).")
-    unknown = sorted(set(tensors) - wanted - {f"model.{k}" for k in stored})
-    if unknown:
-        raise ValueError(f"{path}: tensors this model and optimizer do not have: {unknown[:3]}.")
-    return stored
-
-
-def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Verify the newest checkpoint of run_dir against its manifest, the model and the optimizer; restore the
-    parameters and optimizer state in place; remove older checkpoints; return (step, extra).
+def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    run_id: str | None = None) -> tuple[int, dict]:
+    """Verify the newest checkpoint of run_dir against its manifest, the model, the optimizer and (unless None)
+    the run's id; restore the parameters and optimizer state in place; remove older checkpoints; return
+    (step, extra).
 
     FileNotFoundError when the run has no checkpoint; ValueError naming the file when it cannot be resumed."""
     folder = find_checkpoint(run_dir)
     if folder is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir!r} (no {PREFIX}NNNNNN folder); "
                                 "start it again with --overwrite instead of --resume.")
+    if os.path.islink(folder):
+        raise ValueError(f"{folder} is a symlink, not a checkpoint folder of this run; remove the link (or copy "
+                         "the folder in) or start a new run with --overwrite.")
     step, blobs = _verified_files(folder)
     spath, tpath = os.path.join(folder, STATE), os.path.join(folder, TENSORS)
     try:
@@ -296,7 +240,15 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
         tensors = load_tensors(blobs[TENSORS])
     except Exception as err:  # safetensors raises its own error type for a bad header
         raise ValueError(f"{tpath} is not a readable safetensors file ({err}).") from None
-    model_state = _check_tensors(tpath, tensors, spath, state, model, optimizer)
+    model_state = check_tensors(tpath, tensors, spath, state, model, optimizer)
+    meta = _tensor_metadata(tpath, blobs[TENSORS])
+    if meta.get("step") != str(step):
+        raise ValueError(f"{tpath} records step {meta.get('step')!r}, but the checkpoint is of step {step} "
+                         f"({spath}): the checkpoint was edited; start a new run with --overwrite.")
+    if run_id is not None and (state.get("run_id") != run_id or meta.get("run_id") != run_id):
+        raise ValueError(f"{spath}: the checkpoint belongs to run {state.get('run_id')!r}, not to this run "
+                         f"({run_id!r}, {os.path.join(run_dir, 'config.json')}): a checkpoint copied from another "
+                         "run; resume that run in its own folder, or start a new run with --overwrite.")
     model.load_state_dict(model_state, strict=False)  # tied weights: the one stored copy fills both names
     names = {id(p): n for n, p in model.named_parameters()}
     scalars = state["optimizer"]["scalars"]

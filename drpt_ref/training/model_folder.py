@@ -1,15 +1,16 @@
 """Model folders, loaded from safetensors only: `--model`, a run's final/, the model of an experiment.
 
 `check_model_folder` refuses, with the flag and the reason, a folder that is missing, is a file, has no
-config.json, or has no safetensors weights: a pickle checkpoint (pytorch_model.bin, *.pt) is never loaded,
-since unpickling can run code. `load_model_folder` then loads with transformers from the local disk only
-(`use_safetensors=True`, `local_files_only=True`, `trust_remote_code=False`).
+config.json (or one that is not a JSON object), or has no safetensors weights: a pickle checkpoint
+(pytorch_model.bin, *.pt) is never loaded, since unpickling can run code. `load_model_folder` then loads with
+transformers from the local disk only (`use_safetensors=True`, `local_files_only=True`, `trust_remote_code=False`).
 
 Shapes: no tensors here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what a model folder must hold
@@ -25,6 +26,14 @@ def check_model_folder(path: str, flag: str = "--model") -> None:
     names = set(os.listdir(path))
     if "config.json" not in names:
         raise ValueError(f"{flag} {path!r} has no config.json: not a saved model folder.")
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            config = json.loads(f.read())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {path!r}: config.json cannot be read as JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag} {path!r}: config.json holds a JSON {type(config).__name__}, not a model config "
+                         "object; restore it from the model's source.")
     if not names & set(WEIGHTS):
         pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
         why = (f"it holds {', '.join(pickles)}, a pickle, which drpt never loads (unpickling can run code); "
@@ -42,6 +51,7 @@ def load_model_folder(path: str, flag: str = "--model"):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                      trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {path!r} could not be loaded: {err}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged config or tokenizer file
+        raise ValueError(f"{flag} {path!r} could not be loaded ({type(err).__name__}: {err}); check its config.json "
+                         "and tokenizer files.") from None
     return model, tok

@@ -3,7 +3,8 @@
 A run directory holds
     drpt_run.json        the marker: this folder was made by drpt (kind "train" or "reproduce"); drpt writes
                          only into an empty folder or one with its own marker, never into a --model folder
-    config.json          the TrainConfig of the run (a resumed run must match it, RESUME_FREE aside)
+    config.json          the TrainConfig of the run (a resumed run must match it, RESUME_FREE aside) and its
+                         run_id, which every checkpoint of the run carries (a copied checkpoint is refused)
     metrics.jsonl        one JSON object per step
     checkpoint-NNNNNN/   the last checkpoint, atomic and verified on resume (training/checkpoint.py)
     final/               the model at the end (safetensors, config, tokenizer)
@@ -23,8 +24,10 @@ Shapes: no tensors here but the generators.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 
 import torch
 
@@ -35,6 +38,7 @@ from drpt_ref.training.run_files import LOCK, remove_path, write_bytes_atomic, w
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MARKER = "drpt_run.json"
+RUN_ID = "run_id"  # the key of config.json that binds the run's checkpoints to it (written at run start)
 SUMMARY = "summary.json"  # written by `drpt reproduce` into each of its runs
 # what a train run writes into its folder: all that --overwrite removes (the marker stays)
 RUN_FILES = (CONFIG, METRICS, SUMMARY, FINAL, FINAL + ".tmp", FINAL + ".old")
@@ -112,9 +116,9 @@ def claim_folder(out: str, kind: str, overwrite: bool = False) -> list[str]:
     return removed
 
 
-def check_resumed_config(run_dir: str, config: dict) -> None:
+def check_resumed_config(run_dir: str, config: dict) -> str:
     """Refuse to resume with a config that differs from the stored one (RESUME_FREE aside; the model is
-    compared by its resolved path)."""
+    compared by its resolved path); return the run's id (RUN_ID of config.json, which its checkpoints carry)."""
     path = os.path.join(run_dir, CONFIG)
     try:
         with open(path) as f:
@@ -129,11 +133,22 @@ def check_resumed_config(run_dir: str, config: dict) -> None:
     if diff:
         raise ValueError(f"--resume with a different config than the run in {run_dir!r}: {diff}; "
                          "use the same flags (only --steps and --progress may change) or a new --out.")
+    if not isinstance(stored.get(RUN_ID), str) or not stored[RUN_ID]:
+        raise ValueError(f"--resume: {path} has no {RUN_ID!r} (a run of an older drpt, or an edited config), so its "
+                         "checkpoint cannot be matched to it; start a new run with --overwrite.")
+    return stored[RUN_ID]
 
 
-def write_config(run_dir: str, config: dict) -> None:
-    """Store the config of the run (replaced in one rename)."""
-    write_json_atomic(os.path.join(run_dir, CONFIG), config)
+def new_run_id(config: dict) -> str:
+    """The id of a new run: a hash of its config (place fields aside) and a random part."""
+    fields = {k: v for k, v in config.items() if k not in RESUME_FREE}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{digest}-{uuid.uuid4().hex[:12]}"
+
+
+def write_config(run_dir: str, config: dict, run_id: str) -> None:
+    """Store the config of the run and its id (replaced in one rename)."""
+    write_json_atomic(os.path.join(run_dir, CONFIG), {**config, RUN_ID: run_id})
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from drpt_ref.losses.grpo import GRPOLoss
 from drpt_ref.losses.sft import SFTLoss
 from drpt_ref.losses.unit_batch import token_logprobs
 from drpt_ref.training import dr_step as dr
-from drpt_ref.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
+from drpt_ref.training.checkpoint import STATE, find_checkpoint, load_checkpoint, save_checkpoint, save_final
 from drpt_ref.training.evaluate import evaluate_task
 from drpt_ref.training.hpt import HPTLoss, hpt_batch
 from drpt_ref.training.model_folder import check_model_folder, load_model_folder
@@ -56,6 +57,7 @@ from drpt_ref.training.run_state import (
     check_out_folder,
     check_resumed_config,
     claim_folder,
+    new_run_id,
     step_generator,
     write_config,
 )
@@ -216,12 +218,21 @@ def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, p
         return None, pool
     if resumed is None:
         rule.prepare(env)
-    elif isinstance(resumed.get("rule_state"), dict):
+        return rule, rule.restrict_pool(pool)
+    path = os.path.join(find_checkpoint(cfg.out), STATE)
+    if not isinstance(resumed.get("rule_state"), dict):
+        raise ValueError(f"{path}: the checkpoint holds no state of the weight rule {cfg.method!r}; start a new "
+                         "run with --overwrite.")
+    try:
         rule.load_state_dict(resumed["rule_state"])
-    else:
-        raise ValueError(f"{find_checkpoint(cfg.out)}: the checkpoint holds no state of the weight rule "
-                         f"{cfg.method!r}; start a new run with --overwrite.")
-    return rule, rule.restrict_pool(pool)
+        centroid = getattr(rule, "centroid", None)  # ADAPT: one number per hidden dimension of the model
+        if torch.is_tensor(centroid) and tuple(centroid.shape) != (model.config.n_embd,):
+            raise ValueError(f"the ADAPT centroid has shape {tuple(centroid.shape)}, the model's hidden size is "
+                             f"{model.config.n_embd}")
+        return rule, rule.restrict_pool(pool)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: the state of the weight rule {cfg.method!r} does not fit this run ({err}); "
+                         "start a new run with --overwrite.") from None
 
 
 def train(cfg: TrainConfig) -> str:
@@ -233,7 +244,6 @@ def train(cfg: TrainConfig) -> str:
             raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r} (the run stopped before its first "
                                     "checkpoint, or never started); start it again with --overwrite instead of "
                                     "--resume.")
-        check_resumed_config(cfg.out, dataclasses.asdict(cfg))
     lock = acquire_lock(cfg.out)  # one drpt process per run folder; released however the run ends
     try:
         return _train(cfg)
@@ -242,6 +252,8 @@ def train(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig) -> str:
+    config = dataclasses.asdict(cfg)
+    run_id = check_resumed_config(cfg.out, config) if cfg.resume else new_run_id(config)
     torch.manual_seed(cfg.seed)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------
@@ -252,10 +264,15 @@ def _train(cfg: TrainConfig) -> str:
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
     optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
-    start, resumed = load_checkpoint(cfg.out, model, optimizer) if cfg.resume else (0, None)
+    start, resumed = load_checkpoint(cfg.out, model, optimizer, run_id) if cfg.resume else (0, None)
     if cfg.steps < start:
         raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({start}); "
                          f"resume with --steps >= {start}.")
+    # ---- data and the weight rule (its resumed state checked): before anything in --out changes ------------------
+    target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
+                                 cfg.pool_size, cfg.seed)
+    unit_loss = unit_loss_of(cfg)
+    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)
     # ---- the run folder: claimed only now, after every check ------------------------------------------------------
     if not cfg.resume:
         removed = claim_folder(cfg.out, "train", overwrite=cfg.overwrite)
@@ -263,12 +280,7 @@ def _train(cfg: TrainConfig) -> str:
             print(f"--overwrite: removed the previous run's {', '.join(removed)} from {cfg.out}")
     stale_eval = cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps  # evaluated as a run ended there
     log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None, drop=EVAL_KEYS if stale_eval else ())
-    write_config(cfg.out, dataclasses.asdict(cfg))
-    # ---- data ------------------------------------------------------------------------------------------------
-    target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
-                                 cfg.pool_size, cfg.seed)
-    unit_loss = unit_loss_of(cfg)
-    rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)
+    write_config(cfg.out, config, run_id)
     knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
     # ---- loop ------------------------------------------------------------------------------------------------
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
@@ -293,7 +305,7 @@ def _train(cfg: TrainConfig) -> str:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             log.sync()  # the log the checkpoint refers to is on disk first
             save_checkpoint(cfg.out, step, model, optimizer,
-                            extra={} if rule is None else {"rule_state": rule.state_dict()})
+                            extra={} if rule is None else {"rule_state": rule.state_dict()}, run_id=run_id)
     save_final(cfg.out, model, tok)
     return cfg.out
 
