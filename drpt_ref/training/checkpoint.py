@@ -2,16 +2,17 @@
 
 A checkpoint is one folder, `checkpoint-000012/` (the step, six digits or more), holding
     tensors.safetensors   model parameters ("model.NAME"; tied weights once) and optimizer tensors
-                          ("optim.PARAM.KEY")
-    state.json            {"format", "step", "optimizer": {"class", "scalars"}, "extra"}: the optimizer's
-                          non-tensor state and what the caller stores with it (a weight rule's state)
+                          ("optim.PARAM.KEY"); metadata {"step", "run_id"}
+    state.json            {"format", "step", "run_id", "optimizer": {"class", "scalars"}, "extra"}: the
+                          optimizer's non-tensor state and what the caller stores with it (a weight rule's state)
     manifest.json         written last: the step and every other file with its size and SHA-256
 
 It is written into `checkpoint.tmp/` (files fsynced, manifest last) and published by one rename to its
 step's name; only then is the previous checkpoint folder removed. A kill at any moment therefore leaves
 the previous checkpoint, the new one, or both (resume takes the newest and removes the rest), never a
-mixture. `load_checkpoint` refuses, naming the file and what is wrong, a checkpoint whose manifest does
-not match its files byte for byte, whose steps disagree (folder name, manifest, state.json), or whose
+mixture. `load_checkpoint` refuses, naming the file and what is wrong, a symlinked checkpoint folder, one
+whose manifest does not match its files byte for byte, whose steps disagree (folder name, manifest,
+state.json, safetensors metadata), that belongs to another run (run_id, from the run's config.json), or whose
 tensors do not fit the model and optimizer (names, shapes, dtypes; every optimizer slot that one step of
 this optimizer creates must be there). Nothing is restored until everything is checked.
 
