@@ -4,6 +4,7 @@ For every call that reports converged=True, with f_G(w) = 1/2 ||G w - g_T||^2 ev
 from the explicit vectors (not from the solver's K):
     feasibility     the set's constraints hold within FEAS_TOL of the dtype                     eq. (1)
     optimality      f_G(w) - f_G(v) <= CERT_TOL (c + ||G w||^2) + 16 eps (S(w) + S(v))        eq. (7)
+                    (c replaced by max_i K_ii when g_T = 0: there is no target length then)
     agreement       |reported objective - f_G(w)| <= 16 eps S(w)                               eq. (7)
 with S(w) = c + |w|^T |K| |w| + 2 |b|^T |w| (the round-off scale of the Gram form at w) and v the primal cvxpy
 program's solution moved onto the set (an inaccurate reference can only loosen the check); S(v) is the
@@ -105,7 +106,8 @@ def violations(G, g, method: str, k: float | None, w, objective: float, referenc
     S = size(wl)
     S_ref = size(ref_w) if ref_w is not None else 0.0
     f = primal_value(G, g, w)
-    size_w = float(gl @ gl) + 2 * primal_value(G, 0 * g, w)
+    c = float(gl @ gl)  # when g_T = 0 there is no target length: the longest unit sets the scale (eq. (7))
+    size_w = (c if c > 0 else float(np.diag(K).max(initial=0.0))) + 2 * primal_value(G, 0 * g, w)
     feas = 0.0
     if method in ("simplex", "capped_simplex"):
         cap = 1.0 / k if k else 1.0

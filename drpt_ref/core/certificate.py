@@ -196,6 +196,9 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
     wKw = (wr + bw).clamp_min(0.0)  # (B,) ||G w||^2
     objective = accurate_objective(K, b, c, torch.zeros_like(c), w)  # (B,) eq. (5)
     one_ulp = eps * (K.abs() @ w.abs().unsqueeze(-1)).squeeze(-1)  # (B, n) r moved by rounding w, eq. (6)
+    # the size the gaps are measured against: c; when g_T = 0 exactly (a GRPO batch whose target groups all have
+    # equal rewards) there is no target length, and the longest unit, max_i K_ii, sets the scale (eq. (2))
+    target_scale = torch.where(c > 0, c, K.diagonal(dim1=-2, dim2=-1).amax(-1))  # (B,)
     feas = torch.zeros_like(c)
     if method in ("simplex", "capped_simplex"):
         u = torch.ones_like(c) if cap is None else cap.to(torch.float64)  # (B,)
@@ -206,7 +209,8 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
         # L(w) = (sum_i |w_i| ||g_i||)^2 (a Gram matrix carries errors of eps ||g_i|| ||g_j|| per entry)
         lengths = (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()).sum(-1) ** 2  # (B,) L(w)
         floor = (one_ulp * step.abs()).sum(-1) + eps * (r.abs() * w.abs()).sum(-1) + 8 * eps * (c + lengths)
-        cert = (gap - floor).clamp_min(0.0) / (c + wKw).clamp_min(torch.finfo(torch.float64).tiny)
+        gap = torch.minimum(gap, objective)  # f* >= 0, so f(w) itself also bounds f(w) - f* (eq. (2'))
+        cert = (gap - floor).clamp_min(0.0) / (target_scale + wKw).clamp_min(torch.finfo(torch.float64).tiny)
         kind = "frank_wolfe_gap_relative"
     else:
         # eqs. (3)-(4): |r_i| <= ||g_i|| ||G w - g_T|| <= sqrt(K_ii) (sqrt(c) + ||G w||)
@@ -231,7 +235,9 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
             # r outside range(K_SS), where K has lost a direction b still sees, as a large gap)
             support = w > 0 if method == "cone" else torch.ones_like(w, dtype=torch.bool)
             gap = _support_gap(K, r, one_ulp, support, eps)  # (B,)
-            cert = torch.maximum(cert, gap / (c + wKw).clamp_min(torch.finfo(torch.float64).tiny))
+            lengths = (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()).sum(-1) ** 2  # (B,) L(w)
+            gap = (torch.minimum(gap, objective) - 8 * eps * (c + lengths)).clamp_min(0.0)  # eqs. (2'), (6)
+            cert = torch.maximum(cert, gap / (target_scale + wKw).clamp_min(torch.finfo(torch.float64).tiny))
             if method == "cone":  # w = 0 is feasible: an answer worse than no update is never optimal
                 worse = objective - 0.5 * c - 8 * eps * (c + (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
                                                              .sqrt()).sum(-1) ** 2)  # (B,)
