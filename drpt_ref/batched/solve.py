@@ -80,9 +80,7 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
     Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n)."""
     cap = {"simplex": torch.ones_like(c), "capped_simplex": 1.0 / p["k"] if "k" in p else None}.get(method)
     ridge = p.get("ridge")
-    if method in ("cone", "subspace"):  # a zero unit adds nothing to the set: its weight is 0
-        w = torch.where(K.diagonal(dim1=-2, dim2=-1) > 0, w, torch.zeros_like(w))
-    w = clean_weights(method, w, cap)
+    w = clean_weights(method, w, cap, diag=K.diagonal(dim1=-2, dim2=-1))
     cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype)
     failed = (~cert["passed"]).nonzero().flatten().tolist() if repair else []  # one host read
     for i in failed:  # the exact rung of the ladder, one problem at a time (rare: degenerate data)
@@ -92,7 +90,8 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
             warnings.simplefilter("ignore")
             exact = project(K[i].cpu(), b[i].cpu(), c[i].cpu(), method, **params)  # checked in the input's dtype
         w_i = torch.as_tensor(exact.weights, dtype=w.dtype, device=w.device).unsqueeze(0)  # (1, n)
-        w_i = clean_weights(method, w_i, None if cap is None else cap[i:i + 1])
+        w_i = clean_weights(method, w_i, None if cap is None else cap[i:i + 1],
+                            diag=K[i:i + 1].diagonal(dim1=-2, dim2=-1))
         one = certify(K[i:i + 1], b[i:i + 1], c[i:i + 1], method, w_i, cap=None if cap is None else cap[i:i + 1],
                       ridge=None if ridge is None else ridge[i:i + 1], dtype=K.dtype)
         if bool(one["passed"][0]) or not float(cert["certificate"][i]) <= float(one["certificate"][0]):  # NaN loses
@@ -193,8 +192,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
         if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
             w = _certify_and_repair(K, b, c, method, p, w, info, repair)
-        if method in ITERATIVE:  # alpha = 0: the certificate's objective is eq. (2) at w (computed once)
-            objective = info.pop("_objective").to(dtype)
+            objective = info.pop("_objective").to(dtype)  # alpha = 0: eq. (2) at w, computed by the certificate
         else:
             objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative
         if method == "subspace":

@@ -94,21 +94,30 @@ def accurate_objective(K, b, c, alpha, w) -> torch.Tensor:
     K, b, c, alpha, w = (x.to(torch.float64) for x in (K, b, c, alpha, w))
     beta = 1.0 - alpha  # (B,)
     bb = beta.unsqueeze(-1) * b  # (B, n)
-    r = accurate_residual(K, bb, w)  # (B, n)
-    terms = torch.cat([_two_prod(w, r)[0], -_two_prod(bb, w)[0], (beta * beta * c).unsqueeze(-1)], -1)
-    errs = torch.cat([_two_prod(w, r)[1], -_two_prod(bb, w)[1]], -1)
-    return (0.5 * _sum2(terms, errs)).clamp_min(0.0)
+    return _objective_from_residual(accurate_residual(K, bb, w), bb, beta * beta * c, w)
+
+
+def _objective_from_residual(r, bb, beta2c, w) -> torch.Tensor:
+    """1/2 (w^T r - bb^T w + beta^2 c) in Dot2 precision, never below 0, given r = K w - bb. -> (B,)"""
+    p_wr, e_wr = _two_prod(w, r)  # (B, n)
+    p_bw, e_bw = _two_prod(bb, w)  # (B, n)
+    terms = torch.cat([p_wr, -p_bw, beta2c.unsqueeze(-1)], -1)
+    return (0.5 * _sum2(terms, torch.cat([e_wr, -e_bw], -1))).clamp_min(0.0)
 
 
 # ---- the set, and the certificate --------------------------------------------------------------------------
 
-def clean_weights(method: str, w: torch.Tensor, cap: torch.Tensor | None = None) -> torch.Tensor:
+def clean_weights(method: str, w: torch.Tensor, cap: torch.Tensor | None = None,
+                  diag: torch.Tensor | None = None) -> torch.Tensor:
     """Move a solver's weights onto the set (up to the dtype's round-off), eq. (1).
 
     cone: w >= 0. simplex and capped simplex: clip to [0, cap], then spread the missing (or surplus)
-    mass over the room each weight has left, proportionally, which keeps every bound.
-    w (B, n), cap (B,) -> (B, n)
+    mass over the room each weight has left, proportionally, which keeps every bound. cone and subspace,
+    given diag = K_ii: a zero unit adds nothing to the set, so its weight is 0 (in the simplex it absorbs
+    mass and is kept). w (B, n), cap (B,), diag (B, n) -> (B, n)
     """
+    if method in ("cone", "subspace") and diag is not None:
+        w = torch.where(diag > 0, w, torch.zeros_like(w))
     if method == "cone":
         return w.clamp_min(0.0)
     if method not in ("simplex", "capped_simplex"):
@@ -194,8 +203,11 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
     r = accurate_residual(K, b, w)  # (B, n) gradient of f, r_i = <g_i, G w - g_T>
     wr, bw = accurate_dot(w, r), accurate_dot(b, w)  # (B,) w^T K w - b^T w, b^T w
     wKw = (wr + bw).clamp_min(0.0)  # (B,) ||G w||^2
-    objective = accurate_objective(K, b, c, torch.zeros_like(c), w)  # (B,) eq. (5)
+    objective = _objective_from_residual(r, b, c, w)  # (B,) eq. (5), from the same r
     one_ulp = eps * (K.abs() @ w.abs().unsqueeze(-1)).squeeze(-1)  # (B, n) r moved by rounding w, eq. (6)
+    # L(w) = (sum_i |w_i| ||g_i||)^2: a Gram matrix carries errors of eps ||g_i|| ||g_j|| per entry, so f is not
+    # defined more finely than eps (c + L(w)) (eq. (6))
+    lengths = (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()).sum(-1) ** 2  # (B,)
     # the size the gaps are measured against: c; when g_T = 0 exactly (a GRPO batch whose target groups all have
     # equal rewards) there is no target length, and the longest unit, max_i K_ii, sets the scale (eq. (2))
     target_scale = torch.where(c > 0, c, K.diagonal(dim1=-2, dim2=-1).amax(-1))  # (B,)
@@ -205,9 +217,7 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
         feas = torch.stack([(-w).amax(-1), (w - u.unsqueeze(-1)).amax(-1), (w.sum(-1) - 1.0).abs()]).amax(0) / u
         step = w - lmo(r, u)  # (B, n)
         gap = accurate_dot(r, step)  # (B,) >= f(w) - f*, eq. (2)
-        # eq. (6): the gap moved by rounding w, and the resolution of f in the Gram form itself, eps (c + L(w)),
-        # L(w) = (sum_i |w_i| ||g_i||)^2 (a Gram matrix carries errors of eps ||g_i|| ||g_j|| per entry)
-        lengths = (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()).sum(-1) ** 2  # (B,) L(w)
+        # eq. (6): the gap moved by rounding w, and the resolution of f in the Gram form itself
         floor = (one_ulp * step.abs()).sum(-1) + eps * (r.abs() * w.abs()).sum(-1) + 8 * eps * (c + lengths)
         gap = torch.minimum(gap, objective)  # f* >= 0, so f(w) itself also bounds f(w) - f* (eq. (2'))
         cert = (gap - floor).clamp_min(0.0) / (target_scale + wKw).clamp_min(torch.finfo(torch.float64).tiny)
@@ -235,12 +245,10 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
             # r outside range(K_SS), where K has lost a direction b still sees, as a large gap)
             support = w > 0 if method == "cone" else torch.ones_like(w, dtype=torch.bool)
             gap = _support_gap(K, r, one_ulp, support, eps)  # (B,)
-            lengths = (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()).sum(-1) ** 2  # (B,) L(w)
             gap = (torch.minimum(gap, objective) - 8 * eps * (c + lengths)).clamp_min(0.0)  # eqs. (2'), (6)
             cert = torch.maximum(cert, gap / (target_scale + wKw).clamp_min(torch.finfo(torch.float64).tiny))
             if method == "cone":  # w = 0 is feasible: an answer worse than no update is never optimal
-                worse = objective - 0.5 * c - 8 * eps * (c + (w.abs() * K.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
-                                                             .sqrt()).sum(-1) ** 2)  # (B,)
+                worse = objective - 0.5 * c - 8 * eps * (c + lengths)  # (B,)
                 cert = torch.where(worse > 0, torch.full_like(cert, float("inf")), cert)
     finite = torch.isfinite(w).all(-1) & torch.isfinite(cert) & torch.isfinite(objective)
     passed = finite & (cert <= cert_tol) & (feas <= feas_tol)

@@ -61,10 +61,8 @@ def _solve_exact(K, b, c, method, params, max_iter, tol):
 def _certified(K64, b64, c64, method, params, w, dtype):
     """Clean w onto the set and certify it on the caller's data; returns (w, certificate dict)."""
     cap = 1.0 / params["k"] if method == "capped_simplex" else (1.0 if method == "simplex" else None)
-    if method in ("cone", "subspace"):
-        w = np.where(np.diag(K64) > 0, w, 0.0)  # a zero unit adds nothing to the set: its weight is 0
-    t = torch.as_tensor(w, dtype=torch.float64).unsqueeze(0)
-    w = clean_weights(method, t, None if cap is None else torch.tensor([cap], dtype=torch.float64))[0].numpy()
+    t = lambda x: torch.tensor(np.asarray(x, dtype=np.float64)).unsqueeze(0)  # noqa: E731 (a copy)
+    w = clean_weights(method, t(w), None if cap is None else t(cap), diag=t(np.diag(K64)))[0].numpy()
     return w, certify_one(K64, b64, c64, method, w, cap=cap, ridge=params.get("ridge"), dtype=dtype)
 
 
@@ -118,8 +116,11 @@ def project(K, b, c, method: str, *, solver: str = "exact", max_iter: int | None
                     solver_converged=info["converged"], converged=bool(cert["passed"]),
                     certificate=cert["certificate"], certificate_kind=cert["certificate_kind"],
                     feasibility=cert["feasibility"])
-    t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64)).unsqueeze(0)  # noqa: E731
-    objective = float(accurate_objective(t(K64), t(b64), t(c64), t(alpha), t(w))[0])  # eq. (2), theory/notation.md
+    if method in ITERATIVE:  # alpha = 0: eq. (2) at w, already computed (Dot2) by the certificate
+        objective = cert["objective"]
+    else:
+        t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64)).unsqueeze(0)  # noqa: E731
+        objective = float(accurate_objective(t(K64), t(b64), t(c64), t(alpha), t(w))[0])  # eq. (2), notation.md
     info["program_value"] = program_value(K64, b64, float(c64), method, params, alpha, w)
     if method in ITERATIVE and method != "subspace":
         info["program_value"] = objective
