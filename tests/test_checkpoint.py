@@ -247,14 +247,19 @@ def test_a_renamed_checkpoint_is_refused(runs, tmp_path):
         _resume(runs, out)
 
 
-def test_a_consistent_forgery_of_the_step_is_refused(runs, tmp_path):
-    """Step lowered by one in state.json, manifest and folder name alike: AdamW's own step count disagrees."""
-    out = _copy(runs, tmp_path)
+def _forge_step_one(out):
+    """Lower the checkpoint of `out` to step 1 consistently: state.json, folder name and a rewritten manifest."""
     _edit_state(out, lambda s: {**s, "step": 1})
     os.rename(_folder(out), os.path.join(out, ck.checkpoint_name(1)))
     folder = os.path.join(out, ck.checkpoint_name(1))
     with open(os.path.join(folder, ck.MANIFEST), "w") as f:
         json.dump(ck.manifest_of(folder, 1), f)
+
+
+def test_a_consistent_forgery_of_the_step_is_refused(runs, tmp_path):
+    """Step lowered by one in state.json, manifest and folder name alike: AdamW's own step count disagrees."""
+    out = _copy(runs, tmp_path)
+    _forge_step_one(out)
     with pytest.raises(ValueError, match="optimizer has taken 2 steps"):
         _resume(runs, out)
 
@@ -328,11 +333,7 @@ def test_an_sgd_step_forgery_is_refused(runs, tmp_path):
     """SGD keeps no step count: the step in the safetensors metadata catches a consistent edit of the step."""
     sgd = dict(steps=EVERY, checkpoint_every=EVERY, eval_every=EVERY, optimizer="sgd")
     out = train(small_run(runs["model"], tmp_path / "sgd", **sgd))
-    _edit_state(out, lambda s: {**s, "step": 1})
-    os.rename(_folder(out), os.path.join(out, ck.checkpoint_name(1)))
-    folder = os.path.join(out, ck.checkpoint_name(1))
-    with open(os.path.join(folder, ck.MANIFEST), "w") as f:
-        json.dump(ck.manifest_of(folder, 1), f)
+    _forge_step_one(out)
     with pytest.raises(ValueError, match="records step '2', but the checkpoint is of step 1"):
         train(small_run(runs["model"], out, **{**sgd, "steps": STEPS}, resume=True))
 

@@ -40,7 +40,7 @@ from drpt_ref.data.tasks import general_pool, get_task, parse_weights
 from drpt_ref.data.tokenizer import build_tokenizer, encode_sft, save_tokenizer
 from drpt_ref.flags import check_out_path, field_comments, parse_bool
 from drpt_ref.training.evaluate import answer_nll, evaluate_tasks, format_table
-from drpt_ref.training.run_files import write_bytes_atomic
+from drpt_ref.training.run_files import read_json_or_none, write_bytes_atomic
 
 # Default mixture: the general pool at equal weight, plus the target's format at a small weight.
 DEFAULT_MIX = "add2:1,carry:0.5,copy:1,reverse:1,sort:1,add3_rev:0.8,add3_noisy:0.3,add3:0.25"
@@ -265,11 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_build_card(path: str) -> bool:
-    try:
-        with open(path) as f:
-            card = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
+    card = read_json_or_none(path)
     return isinstance(card, dict) and {"config", "parameters", "accuracy"} <= card.keys()
 
 

@@ -24,7 +24,6 @@ Shapes:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -34,7 +33,7 @@ from drpt_ref.data.tasks import get_task, task_names
 from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
 from drpt_ref.flags import check_device, check_out_path, check_positive_ints
 from drpt_ref.training.model_folder import load_model_folder
-from drpt_ref.training.run_files import write_json_atomic
+from drpt_ref.training.run_files import read_json_or_none, write_json_atomic
 
 MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
 
@@ -165,11 +164,7 @@ def run(args) -> int:
 
 def _is_eval_table(path: str) -> bool:
     """Whether `path` holds what `drpt eval --json` writes: a JSON list of rows with task, n and accuracy."""
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
+    rows = read_json_or_none(path)
     return isinstance(rows, list) and all(isinstance(r, dict) and {"task", "n", "accuracy"} <= r.keys()
                                           for r in rows)
 

@@ -63,6 +63,15 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
+def read_json_or_none(path: str):
+    """The parsed JSON in `path`, or None where the file is missing, unreadable or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+
+
 def write_json_atomic(path: str, obj) -> None:
     """A JSON file replaced in one rename (`write_bytes_atomic`)."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

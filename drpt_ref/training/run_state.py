@@ -33,7 +33,7 @@ import torch
 
 from drpt_ref.flags import check_out_path
 from drpt_ref.training.checkpoint import FINAL, remove_checkpoints
-from drpt_ref.training.run_files import LOCK, remove_path, write_bytes_atomic, write_json_atomic
+from drpt_ref.training.run_files import LOCK, read_json_or_none, remove_path, write_bytes_atomic, write_json_atomic
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -59,11 +59,7 @@ def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -
 
 def read_marker(folder: str) -> dict | None:
     """The marker of a drpt folder ({"kind": ...}), or None where there is none or it is not drpt's."""
-    try:
-        with open(os.path.join(folder, MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return None
+    marker = read_json_or_none(os.path.join(folder, MARKER))
     return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
 
 
