@@ -15,25 +15,31 @@ import drpt_ref.experiments.reproduce.run as rep
 from drpt_ref.cli import main
 from drpt_ref.experiments import build_model
 from drpt_ref.experiments.reproduce.plan import plan as full_plan
-from drpt_ref.experiments.reproduce.report import comparison, table_rows, write_report
+from drpt_ref.experiments.reproduce.report import verdict_lines, write_report
+from drpt_ref.experiments.reproduce.stats import rows_by_seed
 
 
 def test_small_reproduction_and_resume(tmp_path, monkeypatch):
     model = write_tiny_model(tmp_path / "model")
-    specs = [rep.RunSpec("sft", m, s) for s in (0, 1) for m in ("target", "mean", "simplex", "random")]
+    specs = [rep.RunSpec("sft", m, s) for s in (0, 1) for m in ("target", "mean", "oracle", "simplex", "random")]
     specs += [rep.RunSpec("sft", "capped_simplex", 0, knobs=(("k", v),), sweep="k") for v in (8.0, 1.0)]
     monkeypatch.setattr(rep, "plan", lambda cfg: specs)
-    cfg = rep.ReproduceConfig(out=str(tmp_path / "out"), workers=1, seeds=2, steps=2, n_general=4, m_target=2,
-                              eval_n=8, retention_n=4, model=model, progress=False)
+    cfg = rep.ReproduceConfig(out=str(tmp_path / "out"), workers=1, seeds=2, steps=2, eval_every=1, n_general=4,
+                              m_target=2, target_size=4, oracle_size=16, oracle_m_target=4, oracle_warmup=1,
+                              eval_n=8, retention_n=4, model=model, progress=False, paradigms="sft")
     summaries = rep.reproduce(cfg)
     assert [s["name"] for s in summaries] == [s.name for s in specs]
-    rows = table_rows(summaries)
-    assert {(r["method"], r["seeds"]) for r in rows} == {("target", 2), ("mean", 2), ("simplex", 2), ("random", 2)}
-    assert any("best Dr `simplex`" in line for line in comparison(rows))
-    text = write_report(cfg, summaries)
-    assert "| sft | simplex | dr | 2 |" in text
-    assert os.path.getsize(os.path.join(cfg.out, "curves.png")) > 5000
-    assert os.path.getsize(os.path.join(cfg.out, "spectrum.png")) > 5000
+    by_seed = rows_by_seed(summaries, "accuracy")
+    assert {(row, len(runs)) for (_, row), runs in by_seed.items()} == {
+        ("target", 2), ("target (early-stopped)", 2), ("mean", 2), ("oracle", 2), ("simplex", 2), ("random", 2)}
+    oracle = next(s for s in summaries if s["row"] == "oracle")
+    assert oracle["config"]["train"]["target_size"] == 16 and oracle["config"]["train"]["method"] == "target"
+    assert any("best Dr `simplex` against best baseline `random` (2 paired seeds)" in line
+               for line in verdict_lines(by_seed, ["sft"], "accuracy"))
+    text = write_report(cfg, summaries, rep.start_eval(cfg))
+    assert "| simplex | dr | 2 |" in text and "## Verdicts" in text
+    for figure in ("curves.png", "spectrum.png", "weights.png"):
+        assert os.path.getsize(os.path.join(cfg.out, figure)) > 5000, figure
     summary = os.path.join(cfg.out, "runs", specs[0].name, "summary.json")
     stamp = os.path.getmtime(summary)
     again = rep.reproduce(cfg)  # finished runs are skipped, not retrained
@@ -44,8 +50,9 @@ def _small(tmp_path, **changes):
     model = str(tmp_path / "model")
     if not os.path.isdir(model):
         write_tiny_model(model)
-    cfg = rep.ReproduceConfig(out=str(tmp_path / "out"), workers=1, seeds=1, steps=2, n_general=4, m_target=2,
-                              eval_n=8, retention_n=4, model=model, progress=False)
+    cfg = rep.ReproduceConfig(out=str(tmp_path / "out"), workers=1, seeds=1, spectrum_seeds=1, steps=2, eval_every=1,
+                              n_general=4, m_target=2, target_size=4, oracle_size=16, oracle_m_target=4,
+                              oracle_warmup=1, eval_n=8, retention_n=4, model=model, progress=False)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -53,11 +60,11 @@ def test_changed_settings_are_trained_again_not_served_from_the_old_summary(tmp_
     spec = rep.RunSpec("sft", "mean", 0)
     clean = rep.run_one(_small(tmp_path, steps=3, out=str(tmp_path / "clean")), spec)  # the reference: a new folder
     two = rep.run_one(_small(tmp_path), spec)
-    assert [c[0] for c in two["curve"]] == [1, 2] and two["config"]["train"]["steps"] == 2
+    assert [e["step"] for e in two["evals"]] == [1, 2] and two["config"]["train"]["steps"] == 2
     with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
         three = rep.run_one(_small(tmp_path, steps=3, overwrite=True), spec)  # same out: the 2-step summary is stale
     assert "steps: 2 -> 3" in caplog.text
-    assert three["curve"] == clean["curve"] and [c[0] for c in three["curve"]] == [1, 2, 3]
+    assert three["evals"] == clean["evals"] and [e["step"] for e in three["evals"]] == [1, 2, 3]
     assert three["config"] == clean["config"] and not three["resumed"]
     summary = os.path.join(tmp_path, "out", "runs", spec.name, "summary.json")
     stamp = os.path.getmtime(summary)
@@ -73,7 +80,7 @@ def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog)
     rep.run_one(_small(tmp_path, steps=3, keep_checkpoints=True), spec)
     os.remove(os.path.join(run_dir, "summary.json"))  # interrupted after its last checkpoint
     resumed = rep.run_one(_small(tmp_path, steps=3), spec)
-    assert resumed["resumed"] and resumed["curve"] == clean["curve"]
+    assert resumed["resumed"] and resumed["evals"] == clean["evals"]
     with pytest.raises(ValueError, match="steps: 3 -> 2.*--overwrite"):
         rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True), spec)
     rep.run_one(_small(tmp_path, steps=2, keep_checkpoints=True, overwrite=True), spec)
@@ -81,7 +88,7 @@ def test_an_interrupted_run_resumes_only_with_its_own_settings(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="drpt_ref.experiments.reproduce.run"):
         fresh = rep.run_one(_small(tmp_path, steps=3, overwrite=True), spec)
     assert "steps: 2 -> 3" in caplog.text
-    assert not fresh["resumed"] and fresh["curve"] == clean["curve"]
+    assert not fresh["resumed"] and fresh["evals"] == clean["evals"]
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f)["config"] == clean["config"]  # stored with the summary
 
@@ -118,9 +125,10 @@ def test_the_quick_job_leaves_tables_not_weights(tmp_path, monkeypatch):
     quick = rep.ReproduceConfig()
     specs = [rep.RunSpec("sft", "simplex", 0), rep.RunSpec("grpo", "softmax", 0, per_layer=True)]
     monkeypatch.setattr(rep, "plan", lambda cfg: specs)
-    cfg = _small(tmp_path, steps=quick.steps, n_general=quick.n_general, m_target=quick.m_target,
-                 eval_n=quick.eval_n, retention_n=quick.retention_n)
-    write_report(cfg, rep.reproduce(cfg))
+    cfg = _small(tmp_path, steps=quick.steps, eval_every=quick.eval_every, n_general=quick.n_general,
+                 m_target=quick.m_target, target_size=quick.target_size, eval_n=quick.eval_n,
+                 retention_n=quick.retention_n)
+    write_report(cfg, rep.reproduce(cfg), rep.start_eval(cfg))
     files = _files(cfg.out)
     assert not [f for f in files if f.endswith(".safetensors")], files
     per_run = max(sum(size for f, size in files.items() if f.startswith(os.path.join("runs", s.name) + os.sep))
@@ -146,7 +154,7 @@ def test_default_outputs_are_ignored_by_git():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
         pytest.skip("not a git checkout")
-    for out in (rep.ReproduceConfig().out, rep.FULL["out"], TrainConfig().out):
+    for out in (rep.ReproduceConfig().out, rep.HEADLINE["out"], rep.FULL["out"], TrainConfig().out):
         probe = os.path.join(out, "runs", "x", "summary.json")
         assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0, out
         tracked = subprocess.run(["git", "ls-files", out], cwd=root, capture_output=True, text=True).stdout
@@ -192,12 +200,13 @@ def test_runs_of_other_settings_need_overwrite_and_foreign_run_folders_are_never
     monkeypatch.undo()
     monkeypatch.setattr(rep, "plan", lambda cfg: [spec])
     again = rep.reproduce(dataclasses.replace(cfg, steps=3, overwrite=True))
-    assert [c[0] for c in again[0]["curve"]] == [1, 2, 3] and os.path.isdir(run_dir)
+    assert [e["step"] for e in again[0]["evals"]] == [1, 2, 3] and os.path.isdir(run_dir)
 
 
-def test_reproduce_help_names_what_full_changes(capsys):
+def test_reproduce_help_names_what_each_mode_changes(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--full changes some" not in text
-    assert "(default: 20; --full: 300)" in text and "(default: 2; --full: 1)" in text
+    cfg = rep.ReproduceConfig()
+    assert f"(default: {cfg.seeds}; --headline: {rep.HEADLINE['seeds']}; --full: {rep.FULL['seeds']})" in text
+    assert f"(default: {cfg.steps}; --full: {rep.FULL['steps']})" in text

@@ -15,7 +15,9 @@ subclass says three things: how to draw a prompt (`make_prompt`), what the corre
 Splits. Every prompt belongs to exactly one split by a stable hash of its text: about 10% of all
 possible prompts are "eval" (held out), the rest "train". A generator asked for one split
 rejects prompts of the other, so held-out prompts never appear in training data of any task
-(the misaligned variants of the target share its prompts, hence its split). `seed` picks a
+(the misaligned variants of the target share its prompts, hence its split). The held-out prompts
+split again, by the same hash, into two disjoint halves: "select" (to choose settings, e.g. an early
+stopping step) and "report" (touched only by the numbers a reproduction reports). `seed` picks a
 stream inside a split: same (task, split, seed) gives the same samples in any process.
 
 Shapes: no tensors here; samples are frozen dataclasses of strings.
@@ -28,7 +30,7 @@ import random
 from dataclasses import dataclass
 
 GROUPS = ("target", "helpful", "unrelated", "misaligned")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "select", "report")  # select and report: the two disjoint halves of eval
 EVAL_BUCKETS = 10  # a prompt is held out ("eval") when its hash is 0 modulo this: ~10% of prompts
 
 
@@ -65,10 +67,24 @@ class RLPrompt:
     group: str
 
 
+def _hash(prompt: str) -> int:
+    return int(hashlib.md5(prompt.encode("utf-8")).hexdigest()[:8], 16)  # stable across processes
+
+
 def split_of(prompt: str) -> str:
     """'eval' or 'train', from a hash of the prompt text that is stable across processes."""
-    h = int(hashlib.md5(prompt.encode("utf-8")).hexdigest()[:8], 16)
-    return "eval" if h % EVAL_BUCKETS == 0 else "train"
+    return "eval" if _hash(prompt) % EVAL_BUCKETS == 0 else "train"
+
+
+def in_split(prompt: str, split: str) -> bool:
+    """Whether `prompt` belongs to `split`; a held-out prompt is in "eval" and in one of its halves, "select"
+    (the next hash digit even) or "report" (odd)."""
+    h = _hash(prompt)
+    if split == "train":
+        return h % EVAL_BUCKETS != 0
+    if h % EVAL_BUCKETS != 0:
+        return False
+    return split == "eval" or split == ("select" if (h // EVAL_BUCKETS) % 2 == 0 else "report")
 
 
 def partial_credit(answer: str, truth: str) -> float:
@@ -84,7 +100,8 @@ def partial_credit(answer: str, truth: str) -> float:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}; use 'train' or 'eval' (held out)")
+        raise ValueError(f"split={split!r} is not one of {SPLITS}; use 'train', or 'eval' (held out) or one of its "
+                         "disjoint halves 'select' and 'report'")
     return split
 
 
@@ -147,7 +164,7 @@ class Task:
         out: list[str] = []
         while len(out) < n:
             p = self.make_prompt(rng)
-            if split_of(p) == split:
+            if in_split(p, split):
                 out.append(p)
         return out
 

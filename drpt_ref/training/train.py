@@ -16,7 +16,7 @@ projection onto its feasible set (core/methods.py), or a weight rule looked up b
 ADAPT's anchor centroid) is saved inside each checkpoint, so --resume stays exact.
 
 Outputs in --out (training/run_state.py): drpt_run.json (the marker of a run folder), config.json,
-metrics.jsonl (step, losses, objective, alpha, weights per general unit with its source task and group,
+metrics.jsonl (step, losses, objective, alpha, weights per general unit with its source task, group and corrupted flag,
 time per phase, held-out target accuracy and loss at intervals, method_info of a weight rule, batch_info:
 HPT's gate counts), checkpoint-NNNNNN/ (the last checkpoint, atomic, verified on --resume:
 training/checkpoint.py), final/ (the model and tokenizer, safetensors), drpt_run.lock while the run is
@@ -65,7 +65,9 @@ from drpt_ref.training.train_data import dpo_batch, draw, grpo_batch, load_sets,
 
 PARADIGMS = ("sft", "dpo", "grpo", "hpt")
 LR_MAX = 10.0  # a larger step only diverges (and 1e300 would overflow on the first step)
-EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial")  # the held-out evaluation of a metrics record
+EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial",  # the held-out evaluation of a metrics record
+             "report_accuracy", "report_loss", "report_partial")
+HELD_OUT = ("eval", "select", "report")  # the held-out splits (data/task_base.py)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class TrainConfig:
     pool_size: int = 2000  # the general pool
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # learning rate of the covered parameters (0 < lr <= 10)
+    warmup: int = 0  # steps of linear learning-rate warmup from lr / warmup to lr (0 = constant lr throughout)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     k: float = 4.0  # topk / capped_simplex: units selected
     tau_rel: float = 0.5  # softmax: temperature relative to the spread of b
@@ -100,6 +103,8 @@ class TrainConfig:
     max_new_tokens: int = 8  # GRPO completion length limit
     eval_every: int = 10  # steps between held-out evaluations (and at the last step)
     eval_n: int = 200  # held-out target prompts per evaluation
+    eval_split: str = "eval"  # held-out prompts of the evaluation: eval | select | report (the halves of eval)
+    report_split: str = ""  # a second held-out split evaluated at the same steps, logged as report_* ('' = none)
     checkpoint_every: int = 10  # steps between checkpoints (and at the last step)
     dtype: str = "float32"  # float32 | float64 (float64 for solver-equivalence runs)
     device: str = "cpu"  # cpu | cuda
@@ -143,7 +148,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
                          "advantage is 0 and nothing trains).")
     check_finite(cfg)
+    if cfg.eval_split not in HELD_OUT or cfg.report_split not in HELD_OUT + ("",):
+        raise ValueError(f"--eval-split {cfg.eval_split!r} / --report-split {cfg.report_split!r}: each must be one of "
+                         f"{HELD_OUT} (--report-split may be '' for none); training data never come from them.")
     checks = [("lr", 0 < cfg.lr <= LR_MAX, f"in (0, {LR_MAX:g}]"), ("weight-decay", cfg.weight_decay >= 0, ">= 0"),
+              ("warmup", cfg.warmup >= 0 and cfg.warmup <= cfg.steps, "in [0, --steps]"),
               ("k", cfg.k >= 1, ">= 1 (units selected; it is clipped to n at each step)"),
               ("tau-rel", cfg.tau_rel > 0, "> 0"), ("ridge-rel", cfg.ridge_rel >= 0, ">= 0"),
               ("radius-rel", cfg.radius_rel >= 0, ">= 0"), ("lam", 0 <= cfg.lam <= 1, "in [0, 1]"),
@@ -285,6 +294,8 @@ def _train(cfg: TrainConfig) -> str:
     # ---- loop ------------------------------------------------------------------------------------------------
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
     for step in bar:
+        for group in optimizer.param_groups:  # a function of the step alone, so --resume stays exact
+            group["lr"] = cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
         t0 = time.perf_counter()
         general, target, units = make_batches(cfg, step, tok, model, ref_model, target_set, pool)
         t_data = time.perf_counter() - t0
@@ -292,11 +303,15 @@ def _train(cfg: TrainConfig) -> str:
                          solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step,
                          rule=rule, step=step)
         rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units],
+                   corrupted=[bool(getattr(u, "corrupted", False)) for u in units],  # a wrong shown answer
                    batch_info=batch_info(general, target))
         rec["seconds"]["data"] = t_data
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split="eval")
+            ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split=cfg.eval_split)
             rec.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_partial=ev["partial"])
+            if cfg.report_split:
+                rep = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split=cfg.report_split)
+                rec.update(report_accuracy=rep["accuracy"], report_loss=rep["loss"], report_partial=rep["partial"])
             bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise ValueError(f"step {step}: the parameters are no longer finite (the run diverged); lower --lr "

@@ -44,13 +44,16 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from drpt_ref.data.tasks import TARGET
 from drpt_ref.experiments.build_model import LARGE_MODEL
 from drpt_ref.experiments.reproduce.plan import (
-    FULL,
+    MODES,
     POSITIVE_INTS,
+    PRIMARY,
     RETENTION_TASKS,
     ReproduceConfig,
     RunSpec,
+    paradigms_of,
     plan,
     run_config,
     train_config,
@@ -142,32 +145,91 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
                     spec.name, tcfg.out, "; ".join(changes))
     summary = read_json(summary_path) if not changes else None
     if summary is not None:
-        drop_weights(cfg, tcfg.out)  # a run summarized just before an interruption
+        drop_bulk(cfg, tcfg.out)  # a run summarized just before an interruption
         return summary
     resume = not changes and find_checkpoint(tcfg.out) is not None
     start = time.perf_counter()
     train(dataclasses.replace(tcfg, resume=resume, overwrite=not resume and os.path.isdir(tcfg.out)))
     wall = time.perf_counter() - start
     model, tok = load(os.path.join(tcfg.out, FINAL), cfg.device, flag=f"the final model of run {spec.name}")
-    retention = evaluate_tasks(model, tok, list(RETENTION_TASKS), n=cfg.retention_n, seed=0, split="eval")
+    retention = evaluate_tasks(model, tok, list(RETENTION_TASKS), n=cfg.retention_n, seed=0, split="report")
     metrics = read_metrics(tcfg.out)
-    last = metrics[-1]
     step_seconds = [sum(r["seconds"].values()) for r in metrics]
+    evals = [eval_record(r) for r in metrics if "eval_loss" in r]
     summary = {
-        **dataclasses.asdict(spec), "name": spec.name, "config": config,
-        "target_accuracy": last["eval_accuracy"], "target_loss": last["eval_loss"],
-        "target_partial": last["eval_partial"],
+        **dataclasses.asdict(spec), "name": spec.name, "row": spec.row, "config": config,
+        "final": evals[-1], "evals": evals,
         "retention": sum(r["accuracy"] for r in retention) / len(retention),
+        "weights": weights_by_source(metrics, tcfg.eval_every),
         "seconds_per_step": sum(step_seconds) / len(step_seconds), "wall_seconds": wall, "resumed": resume,
-        "curve": [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in metrics if "eval_loss" in r],
     }
     write_json_atomic(summary_path, summary)  # a summary is whole or absent
-    drop_weights(cfg, tcfg.out)
+    drop_bulk(cfg, tcfg.out)
     return json.loads(json.dumps(summary))  # the same form as a summary read back on a rerun
 
 
-def drop_weights(cfg: ReproduceConfig, run_dir: str) -> None:
-    """Remove a summarized run's checkpoint and final/ model, unless --keep-checkpoints."""
+def eval_record(r: dict) -> dict:
+    """A metrics record's held-out evaluation: the select half (logged as eval_*) and the report half."""
+    return {"step": r["step"], **{f"select_{k}": r[f"eval_{k}"] for k in ("accuracy", "loss", "partial")},
+            **{f"report_{k}": r[f"report_{k}"] for k in ("accuracy", "loss", "partial")}}
+
+
+def weight_source(task: str, corrupted: bool) -> str:
+    """The label a general unit's weight is reported under: its task, add3_noisy split by its flag."""
+    return task + (" (wrong)" if corrupted else " (right)") if task == "add3_noisy" else task
+
+
+def weights_by_source(metrics: list[dict], window: int) -> dict:
+    """Relative weight of a general unit by source, averaged over windows of `window` steps: w_i over the
+    uniform weight sum_j |w_j| / n (1 = standard training's share; per-layer weights averaged over layers).
+    Steps whose weights are all 0 (target-only) are left out. Returns {"steps": [window ends], source:
+    [value or None per window]}."""
+    import numpy as np
+
+    sums: dict[int, dict[str, list[float]]] = {}
+    for r in metrics:
+        w = np.asarray(r["weights"], dtype=np.float64).reshape(-1, len(r["sources"])).mean(axis=0)  # (n,)
+        scale = np.abs(w).sum() / w.size
+        if scale <= 0:
+            continue
+        end = -(-r["step"] // window) * window  # the window's last step
+        for wi, task, bad in zip(w / scale, r["sources"], r.get("corrupted", [False] * w.size)):
+            sums.setdefault(end, {}).setdefault(weight_source(task, bad), []).append(float(wi))
+    steps = sorted(sums)
+    sources = sorted({k for v in sums.values() for k in v})
+    out = {"steps": steps}
+    for src in sources:
+        out[src] = [float(np.mean(sums[e][src])) if src in sums[e] else None for e in steps]
+    return out
+
+
+def start_eval(cfg: ReproduceConfig) -> dict:
+    """The starting model on both held-out halves (the step-0 point of every curve), stored as start.json."""
+    import torch
+
+    from drpt_ref.training.evaluate import evaluate_task, load
+
+    path = os.path.join(cfg.out, "start.json")
+    stored = read_json(path)
+    if stored is not None and stored.get("model") == cfg.model and stored.get("eval_n") == cfg.eval_n:
+        return stored
+    torch.set_num_threads(1)
+    model, tok = load(cfg.model, cfg.device)
+    out = {"model": cfg.model, "eval_n": cfg.eval_n, "step": 0}
+    for split in ("select", "report"):
+        ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split=split)
+        out.update({f"{split}_{k}": ev[k] for k in ("accuracy", "loss", "partial")})
+    write_json_atomic(path, out)
+    return out
+
+
+def drop_bulk(cfg: ReproduceConfig, run_dir: str) -> None:
+    """Remove a summarized run's metrics.jsonl (its summary holds what the report uses) unless --keep-metrics
+    or --keep-checkpoints (a checkpoint resumes with its log), and its checkpoint and final/ model unless
+    --keep-checkpoints."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not (cfg.keep_metrics or cfg.keep_checkpoints) and os.path.lexists(metrics):
+        remove_path(metrics)
     if not cfg.keep_checkpoints:
         remove_checkpoints(run_dir)
         if os.path.lexists(os.path.join(run_dir, FINAL)):
@@ -176,9 +238,24 @@ def drop_weights(cfg: ReproduceConfig, run_dir: str) -> None:
 
 def check_config(cfg: ReproduceConfig) -> None:
     """Refuse settings that cannot make a reproduction, naming the flag, before any worker starts."""
-    if cfg.mode not in ("quick", "full"):
-        raise ValueError(f"mode={cfg.mode!r} must be 'quick' or 'full' (--quick or --full).")
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} must be one of {', '.join(MODES)} (--quick, --headline or --full).")
     check_positive_ints(cfg, POSITIVE_INTS)
+    if not isinstance(cfg.spectrum_seeds, int) or cfg.spectrum_seeds < 0:
+        raise ValueError(f"--spectrum-seeds must be >= 0 (0: no spectrum), got {cfg.spectrum_seeds!r}.")
+    for name in ("lr", "oracle_lr"):
+        if not (0 < getattr(cfg, name) <= 10):
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 10], got {getattr(cfg, name)}.")
+    if not 0 <= cfg.oracle_warmup <= cfg.steps:
+        raise ValueError(f"--oracle-warmup must be in [0, --steps], got {cfg.oracle_warmup}.")
+    if cfg.oracle_m_target > cfg.oracle_size:
+        raise ValueError(f"--oracle-m-target {cfg.oracle_m_target} must be <= --oracle-size {cfg.oracle_size}.")
+    if cfg.primary not in PRIMARY:
+        raise ValueError(f"--primary {cfg.primary!r} must be one of {PRIMARY}.")
+    if cfg.m_target > cfg.target_size:
+        raise ValueError(f"--m-target {cfg.m_target} must be <= --target-size {cfg.target_size} (units are drawn "
+                         "without replacement).")
+    paradigms_of(cfg)
     check_device(cfg.device)
     if not os.path.isdir(cfg.model):
         raise ValueError(f"--model {cfg.model!r} is not a folder; build it with `drpt build-model` (for --full: "
@@ -195,6 +272,8 @@ def reproduce(cfg: ReproduceConfig) -> list[dict]:
         raise ValueError(f"--out {cfg.out!r}: {len(problems)} of its runs cannot be reused: {problems[0]}")
     claim_folder(cfg.out, "reproduce")
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
+    write_json_atomic(os.path.join(cfg.out, "reproduce_config.json"), dataclasses.asdict(cfg))
+    start_eval(cfg)
     summaries = []
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
         futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
@@ -207,31 +286,33 @@ def reproduce(cfg: ReproduceConfig) -> list[dict]:
     return summaries
 
 
-def full_default(name: str) -> str:
-    """'; --full: VALUE' for a setting whose default --full changes, '' otherwise (shown in --help)."""
-    return f"; --full: {FULL[name]}" if name in FULL else ""
+def mode_defaults(name: str) -> str:
+    """'; --headline: V; --full: V' for a setting a mode changes, '' otherwise (shown in --help)."""
+    return "".join(f"; --{mode}: {values[name]}" for mode, values in MODES.items() if name in values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="CPU scale (default)")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="CPU, <= 15 min on an idle 2-core machine (default)")
+    mode.add_argument("--headline", dest="mode", action="store_const", const="headline",
+                      help="CPU, the committed 5-seed run (results/reproduce_headline; about an hour on 2 cores)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="GPU scale")
     parser.set_defaults(mode="quick")
     comments = field_comments(ReproduceConfig)
     for f in dataclasses.fields(ReproduceConfig):
         if f.name == "mode":
             continue
-        kind = {"int": int, "str": str, "bool": parse_bool}[f.type]
+        kind = {"int": int, "str": str, "float": float, "bool": parse_bool}[f.type]
         extra = dict(nargs="?", const=True, metavar="BOOL") if f.type == "bool" else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"{comments.get(f.name, '')} (default: {f.default}{full_default(f.name)})", **extra)
+                            help=f"{comments.get(f.name, '')} (default: {f.default}{mode_defaults(f.name)})", **extra)
 
 
 def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReproduceConfig)
              if f.name != "mode" and getattr(args, f.name) is not None}
-    defaults = FULL if args.mode == "full" else {}
-    cfg = ReproduceConfig(mode=args.mode, **{**defaults, **given})
+    cfg = ReproduceConfig(mode=args.mode, **{**MODES[args.mode], **given})
     summaries = reproduce(cfg)
-    print(write_report(cfg, summaries))
+    print(write_report(cfg, summaries, start_eval(cfg)))
     return 0
