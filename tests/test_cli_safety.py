@@ -75,6 +75,8 @@ def test_a_folder_drpt_did_not_make_is_never_written(model, tmp_path, capsys):
     (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "1e300"], "--lr must be in (0, 10]"), (["--tau-rel=-inf"], "--tau-rel must be a finite number"),
     (["--resume", "--overwrite"], "pass one of them"),
+    (["--eval-split", "train"], "--eval-split 'train'"), (["--report-split", "test"], "--report-split 'test'"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
 ])
 def test_train_flags(model, tmp_path, capsys, flags, message):
     assert message in _usage_error(_train(model, tmp_path / "never", *flags), capsys)

@@ -7,7 +7,7 @@ import pytest
 
 from drpt_ref.data.arith import no_carry_sum, wrong_sums
 from drpt_ref.data.strings import string_near_misses
-from drpt_ref.data.task_base import partial_credit, split_of
+from drpt_ref.data.task_base import in_split, partial_credit, split_of
 from drpt_ref.data.tasks import GENERAL, TARGET, TASKS, general_pool, get_task, parse_weights, task_names
 from drpt_ref.data.tokenizer import ALPHABET, encode_prompts, encode_sft, save_tokenizer
 
@@ -92,6 +92,23 @@ def test_splits_are_disjoint_and_labelled(name):
     for s in train:  # short, and inside the tokenizer's alphabet
         assert len(s.prompt) + len(s.answer) < 24
         assert set(s.prompt + s.answer) <= set(ALPHABET)
+
+
+def test_select_and_report_halves_partition_the_held_out_prompts():
+    """Every held-out prompt is in exactly one half, by a hash digit computed here independently."""
+    import hashlib
+
+    task = get_task("add3")
+    select, report = set(task.prompts(400, seed=0, split="select")), set(task.prompts(400, seed=0, split="report"))
+    assert select and report and not select & report
+    for p in select | report:
+        h = int(hashlib.md5(p.encode()).hexdigest()[:8], 16)
+        assert h % 10 == 0 and (h // 10) % 2 == (0 if p in select else 1)
+    held = set(task.prompts(2000, seed=1, split="eval"))
+    assert {in_split(p, "select") + in_split(p, "report") for p in held} == {1}  # each in one half
+    assert not any(in_split(p, "train") for p in held)
+    with pytest.raises(ValueError, match="'select' and 'report'"):
+        task.prompts(1, split="holdout")
 
 
 @pytest.mark.parametrize("name", list(TASKS))

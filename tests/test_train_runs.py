@@ -55,10 +55,11 @@ def test_cvxpy_and_batched_solvers_give_the_same_run(tiny_path, tmp_path, paradi
 
 
 def test_resume_is_bitwise(tiny_path, tmp_path):
-    straight = train(_cfg(tiny_path, tmp_path / "straight", paradigm="grpo", method="capped_simplex", steps=12,
-                          checkpoint_every=6, eval_every=6, dtype="float32"))
-    part = _cfg(tiny_path, tmp_path / "resumed", paradigm="grpo", method="capped_simplex", steps=6,
-                checkpoint_every=6, eval_every=6, dtype="float32")
+    # the warmup spans the checkpoint (the lr is a function of the step), both held-out halves are logged
+    kw = dict(paradigm="grpo", method="capped_simplex", checkpoint_every=6, eval_every=6, dtype="float32",
+              warmup=6, eval_split="select", report_split="report")
+    straight = train(_cfg(tiny_path, tmp_path / "straight", steps=12, **kw))
+    part = _cfg(tiny_path, tmp_path / "resumed", steps=6, **kw)
     train(part)
     with open(os.path.join(part.out, "metrics.jsonl"), "a") as f:  # a crash after step 6 left a partial log
         f.write(json.dumps({"step": 7, "loss_target": -1.0}) + "\n")
@@ -67,6 +68,7 @@ def test_resume_is_bitwise(tiny_path, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(read_metrics(straight)) == strip(read_metrics(part.out))
+    assert {"eval_loss", "report_loss"} <= read_metrics(straight)[5].keys()
 
 
 def test_resume_refuses_a_different_config(tiny_path, tmp_path):
@@ -165,3 +167,14 @@ def test_cli_eval_refuses_bad_values_with_the_flag_named(flags, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_warmup_scales_the_first_sgd_step_linearly(tiny_path, tmp_path):
+    """With SGD, step 1 of a 4-step warmup at lr 0.5 is the step at lr 0.125, bitwise (same gradient)."""
+    kw = dict(paradigm="sft", method="simplex", steps=1, checkpoint_every=1, eval_every=1, optimizer="sgd",
+              dtype="float64")
+    warm = _params(train(_cfg(tiny_path, tmp_path / "warm", lr=0.5, warmup=4, **kw)))
+    quarter = _params(train(_cfg(tiny_path, tmp_path / "quarter", lr=0.125, **kw)))
+    full = _params(train(_cfg(tiny_path, tmp_path / "full", lr=0.5, **kw)))
+    assert all(torch.equal(warm[k], quarter[k]) for k in warm)
+    assert any(not torch.equal(warm[k], full[k]) for k in warm)

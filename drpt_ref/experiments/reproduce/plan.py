@@ -59,13 +59,13 @@ PARADIGM_SETTINGS = {
 
 @dataclass
 class ReproduceConfig:
-    mode: str = "quick"  # quick (CPU, <= 15 min idle) | headline (CPU, the committed 5-seed run) | full (GPU)
+    mode: str = "quick"  # quick (CPU, SFT, <= 15 min idle) | headline (CPU, the committed 5-seed run) | full (GPU)
     out: str = "runs/reproduce_quick"  # where runs, tables and plots go (git ignores runs/)
     device: str = "cpu"  # cpu | cuda
     workers: int = 2  # parallel runs (processes), one torch thread each
     seeds: int = 2  # seeds of every headline row (headline, full: 5)
     spectrum_seeds: int = 1  # seeds of each spectrum point, SFT only (headline: 2, full: 3; 0 = no spectrum)
-    paradigms: str = "sft,dpo,grpo,hpt"  # the paradigms of the plan, comma-separated
+    paradigms: str = "sft"  # the paradigms of the plan, comma-separated (headline, full: sft,dpo,grpo,hpt)
     steps: int = 300  # optimizer steps per run
     lr: float = 1e-4  # AdamW learning rate of every run but the oracle (constant)
     n_general: int = 16  # general units per step
@@ -86,9 +86,9 @@ class ReproduceConfig:
     overwrite: bool = False  # replace runs in --out made with other settings (without it such a run is refused)
 
 
-HEADLINE = dict(seeds=5, spectrum_seeds=2, out="runs/reproduce_headline")
-FULL = dict(seeds=5, spectrum_seeds=3, steps=600, eval_n=1000, retention_n=300, n_general=32, m_target=8,
-            model=LARGE_MODEL, out="runs/reproduce_full")
+HEADLINE = dict(seeds=5, spectrum_seeds=2, paradigms="sft,dpo,grpo,hpt", out="runs/reproduce_headline")
+FULL = dict(seeds=5, spectrum_seeds=3, paradigms="sft,dpo,grpo,hpt", steps=600, eval_n=1000, retention_n=300,
+            n_general=32, m_target=8, model=LARGE_MODEL, out="runs/reproduce_full")
 MODES = {"quick": {}, "headline": HEADLINE, "full": FULL}
 # Settings that must be whole numbers >= 1 (0 would train nothing, leave a table without rows or a pool
 # without workers).

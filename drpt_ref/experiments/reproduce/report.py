@@ -47,11 +47,8 @@ def table_rows(by_seed: dict) -> list[dict]:
     return rows
 
 
-def write_table(out: str, rows: list[dict]) -> str:
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def markdown_table(rows: list[dict]) -> str:
+    """One markdown table per paradigm of table_rows' rows."""
     lines = []
     for paradigm in dict.fromkeys(r["paradigm"] for r in rows):
         lines += [f"\n### {paradigm}\n", "| row | kind | seeds | report acc | report loss | select acc | retention | "
@@ -60,6 +57,14 @@ def write_table(out: str, rows: list[dict]) -> str:
                   f"{_fmt(r['loss_mean'], r['loss_se'], 4)} | {r['select_acc']:.3f} | {r['retention']:.3f} | "
                   f"{r['sec_per_step']:.3f} |" for r in rows if r["paradigm"] == paradigm]
     return "\n".join(lines)
+
+
+def write_table(out: str, rows: list[dict]) -> str:
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return markdown_table(rows)
 
 
 def verdict_lines(by_seed: dict, paradigms: list[str], metric: str) -> list[str]:

@@ -62,7 +62,8 @@ def live_view(paradigm: str, out: str, small: bool = False, model: str = "../sma
     shrinks steps and evaluation for a look in seconds (not the regime: say so when you show it)."""
     from drpt_ref.experiments.reproduce.run import reproduce, start_eval
 
-    cfg = ReproduceConfig(out=out, seeds=1, spectrum_seeds=0, paradigms=paradigm, model=model, progress=False)
+    cfg = ReproduceConfig(out=out, seeds=1, spectrum_seeds=0, paradigms=paradigm, model=model, progress=False,
+                          overwrite=True)  # the notebook's own folder: its runs of other settings are replaced
     if small:
         cfg = dataclasses.replace(cfg, steps=6, eval_every=3, eval_n=20, retention_n=10, oracle_warmup=2)
     summaries = [s for s in reproduce(cfg) if not s["sweep"]]
