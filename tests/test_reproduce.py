@@ -14,6 +14,7 @@ from tiny_lm import tree, write_tiny_model
 import drpt_ref.experiments.reproduce.run as rep
 from drpt_ref.cli import main
 from drpt_ref.experiments import build_model
+from drpt_ref.experiments.reproduce.plan import FULL, HEADLINE
 from drpt_ref.experiments.reproduce.plan import plan as full_plan
 from drpt_ref.experiments.reproduce.report import verdict_lines, write_report
 from drpt_ref.experiments.reproduce.stats import rows_by_seed
@@ -110,7 +111,7 @@ def test_cli_seeds_and_workers_zero_are_usage_errors(tmp_path, capsys):
 
 
 def test_full_mode_reads_the_model_the_large_preset_writes():
-    assert rep.FULL["model"] == build_model.make_config({"config": "large"}).out == build_model.LARGE_MODEL
+    assert FULL["model"] == build_model.make_config({"config": "large"}).out == build_model.LARGE_MODEL
 
 
 def _files(folder) -> dict[str, int]:
@@ -154,7 +155,7 @@ def test_default_outputs_are_ignored_by_git():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
         pytest.skip("not a git checkout")
-    for out in (rep.ReproduceConfig().out, rep.HEADLINE["out"], rep.FULL["out"], TrainConfig().out):
+    for out in (rep.ReproduceConfig().out, HEADLINE["out"], FULL["out"], TrainConfig().out):
         probe = os.path.join(out, "runs", "x", "summary.json")
         assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0, out
         tracked = subprocess.run(["git", "ls-files", out], cwd=root, capture_output=True, text=True).stdout
@@ -208,5 +209,5 @@ def test_reproduce_help_names_what_each_mode_changes(capsys):
         main(["reproduce", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     cfg = rep.ReproduceConfig()
-    assert f"(default: {cfg.seeds}; --headline: {rep.HEADLINE['seeds']}; --full: {rep.FULL['seeds']})" in text
-    assert f"(default: {cfg.steps}; --full: {rep.FULL['steps']})" in text
+    assert f"(default: {cfg.seeds}; --headline: {HEADLINE['seeds']}; --full: {FULL['seeds']})" in text
+    assert f"(default: {cfg.steps}; --full: {FULL['steps']})" in text
