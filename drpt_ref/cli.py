@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-model": ("drpt_ref.experiments.build_model",
                     "pre-train small_models/gpt2-tiny from nothing (deterministic)"),
     "reproduce": ("drpt_ref.experiments.reproduce.run",
-                  "every method on SFT, DPO, GRPO, HPT over seeds: tables, curves, spectrum"),
+                  "the fixed comparison over seeds: endpoints, oracle, Dr vs baselines, paired verdicts, figures"),
     "train": ("drpt_ref.training.train",
               "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
     "eval": ("drpt_ref.training.evaluate", "greedy exact-match accuracy and answer loss on held-out task prompts"),

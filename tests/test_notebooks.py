@@ -84,4 +84,4 @@ def test_the_sft_notebook_states_the_committed_verdicts():
 def test_the_sft_notebook_trains_live(monkeypatch):
     nb, _ = _execute("06_sft", monkeypatch, {"DRPT_NOTEBOOK_RUN": "live", "DRPT_NOTEBOOK_SMALL": "1"})
     text = _text(nb)
-    assert "runs of sft, seeds [0]; 6 steps" in text and "On sft, the best row" in text
+    assert "runs of sft, seeds [0]; 6 steps" in text and "On sft, the best Dr row chosen on the select half" in text

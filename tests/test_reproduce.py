@@ -211,3 +211,51 @@ def test_reproduce_help_names_what_each_mode_changes(capsys):
     cfg = rep.ReproduceConfig()
     assert f"(default: {cfg.seeds}; --headline: {HEADLINE['seeds']}; --full: {FULL['seeds']})" in text
     assert f"(default: {cfg.steps}; --full: {FULL['steps']})" in text
+
+
+def test_every_planned_run_is_checked_before_the_folder_is_claimed(tmp_path):
+    """--n-general above the general pool passes reproduce's own checks; train's settings check of every planned
+    run refuses it, naming the flag, before the output folder is created."""
+    from drpt_ref.training.train import TrainConfig
+
+    with pytest.raises(ValueError, match="--n-general <= --pool-size"):
+        rep.reproduce(_small(tmp_path, n_general=TrainConfig().pool_size + 1))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_spectrum_does_not_train_a_main_table_run_twice(tmp_path):
+    """k = 4 (the default) of the capped-simplex sweep is the main table's capped_simplex run: planned once,
+    and the spectrum plot reads it from the main table."""
+    from drpt_ref.experiments.reproduce.report import at_point
+
+    cfg = dataclasses.replace(_small(tmp_path), seeds=2, spectrum_seeds=2)
+    specs = full_plan(cfg)
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    k_values = sorted(dict(s.knobs)["k"] for s in specs if s.sweep == "k" and s.seed == 0)
+    assert 4.0 not in k_values and k_values == [1.0, 2.0, 8.0, 16.0]
+    main = {"sweep": "", "row": "capped_simplex", "paradigm": "sft", "config": {"train": {"k": 4.0}}}
+    assert at_point(main, "k", "capped_simplex", 4.0) and not at_point(main, "k", "capped_simplex", 8.0)
+
+
+def _interrupting_run(cfg, spec):
+    if spec.seed == 0:
+        raise KeyboardInterrupt
+    import time
+
+    time.sleep(0.5)
+    open(os.path.join(cfg.out, f"ran_{spec.seed}"), "w").close()
+    return {}
+
+
+def test_ctrl_c_cancels_the_queued_runs_and_says_how_to_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(rep, "run_one", _interrupting_run)
+    cfg = _small(tmp_path)
+    os.makedirs(cfg.out)
+    specs = [rep.RunSpec("sft", "mean", s) for s in range(8)]
+    with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
+        rep.run_all(cfg, specs)
+    import time
+
+    time.sleep(1.5)  # a queued run that was not cancelled would have written its file by now
+    assert len([f for f in os.listdir(cfg.out) if f.startswith("ran_")]) < 3

@@ -1,5 +1,5 @@
 """The statistics behind the reproduction's verdicts, against numbers computed here by hand (numpy):
-paired differences and their standard errors, the 2-SE verdicts, choices made on the select half only,
+paired differences and their standard errors, the paired t-test verdicts, choices made on the select half only,
 the early-stopped row, the overfitting check, and the weights by source with add3_noisy split by its flag."""
 
 import math
@@ -34,14 +34,28 @@ def test_paired_difference_and_its_standard_error_match_numpy():
 
 
 @pytest.mark.parametrize("diff, se, metric, expected", [
-    (0.05, 0.02, "accuracy", "ahead"), (0.03, 0.02, "accuracy", "tied within 2 SE"),
-    (-0.05, 0.02, "accuracy", "behind"), (-0.05, 0.02, "loss", "ahead"), (0.05, 0.02, "loss", "behind")])
-def test_verdict_is_two_standard_errors_in_the_metric_direction(diff, se, metric, expected):
+    (0.06, 0.02, "accuracy", "ahead"), (0.05, 0.02, "accuracy", "tied within 2.78 SE"),
+    (-0.06, 0.02, "accuracy", "behind"), (-0.06, 0.02, "loss", "ahead"), (0.06, 0.02, "loss", "behind")])
+def test_verdict_is_a_paired_t_test_in_the_metric_direction(diff, se, metric, expected):
     assert stats.verdict({"diff": diff, "se": se, "seeds": 5}, metric) == expected
 
 
-def test_one_seed_gives_no_verdict():
-    assert stats.verdict({"diff": 0.5, "se": math.nan, "seeds": 1}, "accuracy").startswith("unsupported")
+def test_verdict_bound_is_students_t_quantile():
+    # Tabulated two-sided 95 % quantiles of Student's t: 1 df (Cauchy: tan(0.475 pi)), 4 df, 29 df.
+    assert stats.verdict_se(2) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
+    assert stats.verdict_se(5) == pytest.approx(2.776445, abs=1e-6)
+    assert stats.verdict_se(30) == pytest.approx(2.045230, abs=1e-6)
+
+
+@pytest.mark.parametrize("seeds", [2, 5])
+def test_verdict_calls_about_five_percent_of_true_ties(seeds):
+    """Under no difference (paired differences drawn from one normal law), a non-tie verdict happens at the
+    test's level, 5 %, at every number of seeds; a flat 2-SE rule would call 29.5 % at 2 seeds."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(20000, seeds))  # (trials, seeds)
+    p = [{"diff": x.mean(), "se": x.std(ddof=1) / math.sqrt(seeds), "seeds": seeds} for x in d]
+    rate = np.mean([not stats.verdict(q, "loss").startswith("tied") for q in p])
+    assert rate == pytest.approx(0.05, abs=0.006)  # binomial SE at 20,000 trials: 0.0015
 
 
 def test_best_rows_and_early_stopping_are_chosen_on_select_never_on_report():
@@ -59,16 +73,25 @@ def test_best_rows_and_early_stopping_are_chosen_on_select_never_on_report():
     assert by_loss[("sft", stats.EARLY)][0]["final"]["step"] == 20  # lower loss is better
 
 
-def test_overfitting_needs_a_fall_below_the_start_and_a_rise_beyond_two_se():
-    def target(losses_by_seed):
-        return [_run("sft", "target", s, [_eval(10 * (i + 1), 0, 0, 0, x) for i, x in enumerate(ls)])
-                for s, ls in enumerate(losses_by_seed)]
+def test_overfitting_is_a_fall_then_a_rise_each_by_a_paired_t_test():
+    def target(losses_by_seed, select=None):
+        select = select or losses_by_seed
+        return {s: _run("sft", "target", s, [_eval(10 * (i + 1), 0, 0, y, x) for i, (x, y) in enumerate(zip(ls, ss))])
+                for s, (ls, ss) in enumerate(zip(losses_by_seed, select))}
     start = {"report_loss": 1.0}
-    o = stats.overfitting(target([[0.8, 0.9, 1.4], [0.7, 0.9, 1.5], [0.9, 1.0, 1.3]]), start)
-    assert o["falls_then_rises"] and o["min_step"] == 10 and o["min"] == pytest.approx(0.8)
-    assert o["final"] == pytest.approx(1.4)
-    assert not stats.overfitting(target([[0.9, 0.8, 0.7], [0.8, 0.7, 0.6]]), start)["falls_then_rises"]
-    assert not stats.overfitting(target([[1.1, 1.2, 1.4], [1.2, 1.3, 1.5]]), start)["falls_then_rises"]
+    o = stats.overfitting(target([[0.8, 0.9, 1.4], [0.78, 0.9, 1.5], [0.82, 1.0, 1.3]]), start)
+    assert o["falls_then_rises"] and o["early_steps"] == [10, 10, 10]
+    assert o["early"][0] == pytest.approx(0.8) and o["final"][0] == pytest.approx(1.4)
+    assert o["fall"]["diff"] == pytest.approx(-0.2) and o["rise"]["diff"] == pytest.approx(0.6)
+    # the spread of the fall (-0.2, -0.3, -0.1) is too wide for 3 seeds: t = 3.46 < 4.30
+    assert not stats.overfitting(target([[0.8, 0.9, 1.4], [0.7, 0.9, 1.5], [0.9, 1.0, 1.3]]), start)["falls_then_rises"]
+    assert not stats.overfitting(target([[0.9, 0.8, 0.7], [0.8, 0.7, 0.6]]), start)["falls_then_rises"]  # no rise
+    assert not stats.overfitting(target([[1.1, 1.2, 1.4], [1.2, 1.3, 1.5]]), start)["falls_then_rises"]  # no fall
+    one = stats.overfitting(target([[0.5, 0.6, 2.0]]), start)
+    assert not one["falls_then_rises"] and stats.verdict(one["fall"], "loss").startswith("unsupported")
+    # the early-stopping step is chosen on the select half: its minimum is at step 30, the report's at 10
+    o = stats.overfitting(target([[0.8, 0.9, 1.0]] * 2, select=[[0.9, 0.8, 0.7]] * 2), start)
+    assert o["early_steps"] == [30, 30] and o["early"][0] == pytest.approx(1.0)
 
 
 def test_weights_by_source_relative_to_uniform_with_the_noisy_task_split():
@@ -78,7 +101,7 @@ def test_weights_by_source_relative_to_uniform_with_the_noisy_task_split():
                rec(2, [[0.0, 0.0, 0.0, 0.0]], src, [False, False, True, False]),  # target-only: left out
                rec(3, [[0.1, 0.5, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1]], src, [False, False, True, False])]  # per layer
     out = weights_by_source(metrics, window=2)
-    assert out["steps"] == [2, 4]
+    assert out["steps"] == [2, 3]  # the last window ends at the run's last step
     # step 1: uniform = 1/4, add2 0.4 -> 1.6; step 3: layer mean [0.2, 0.4, 0.1, 0.1], uniform 0.2 -> 1.0, 2.0
     assert out["add2"] == pytest.approx([1.6, 1.0])
     assert out["add3_noisy (right)"] == pytest.approx([1.6, 2.0])

@@ -130,6 +130,16 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    """Refuse a TrainConfig that cannot train, naming the flag: its settings (check_settings), then --out."""
+    check_settings(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
+    check_out_folder(cfg.out, "train", model=cfg.model, reuse=cfg.resume or cfg.overwrite)
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot train, naming the flag: everything but the --out folder (which `drpt
+    reproduce` checks itself before any of its runs starts)."""
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
     check_method_config(cfg)  # the method name and its rule's parameters
@@ -167,9 +177,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
     check_device(cfg.device)
     check_model_folder(cfg.model, "--model")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
-    check_out_folder(cfg.out, "train", model=cfg.model, reuse=cfg.resume or cfg.overwrite)
 
 
 def unit_loss_of(cfg: TrainConfig):

@@ -59,13 +59,13 @@ PARADIGM_SETTINGS = {
 
 @dataclass
 class ReproduceConfig:
-    mode: str = "quick"  # quick (CPU, SFT, <= 15 min idle) | headline (CPU, the committed 5-seed run) | full (GPU)
+    mode: str = "quick"  # quick | headline | full (--quick, --headline, --full)
     out: str = "runs/reproduce_quick"  # where runs, tables and plots go (git ignores runs/)
     device: str = "cpu"  # cpu | cuda
     workers: int = 2  # parallel runs (processes), one torch thread each
-    seeds: int = 2  # seeds of every headline row (headline, full: 5)
-    spectrum_seeds: int = 1  # seeds of each spectrum point, SFT only (headline: 2, full: 3; 0 = no spectrum)
-    paradigms: str = "sft"  # the paradigms of the plan, comma-separated (headline, full: sft,dpo,grpo,hpt)
+    seeds: int = 2  # seeds of every main-table row
+    spectrum_seeds: int = 1  # seeds of each spectrum point, SFT only (0 = no spectrum)
+    paradigms: str = "sft"  # the paradigms of the plan, comma-separated
     steps: int = 300  # optimizer steps per run
     lr: float = 1e-4  # AdamW learning rate of every run but the oracle (constant)
     n_general: int = 16  # general units per step
@@ -79,7 +79,7 @@ class ReproduceConfig:
     eval_n: int = 250  # held-out target prompts of each half per evaluation
     retention_n: int = 60  # held-out prompts per helpful task for the retention check (report half)
     primary: str = "loss"  # the metric that chooses the best rows: loss (answer NLL) | accuracy; both get verdicts
-    model: str = "small_models/gpt2-tiny"  # the starting model (full: LARGE_MODEL)
+    model: str = "small_models/gpt2-tiny"  # the starting model (a folder written by `drpt build-model`)
     progress: bool = True  # a progress bar over runs
     keep_checkpoints: bool = False  # keep each run's checkpoint and final/ model once summarized
     keep_metrics: bool = False  # keep each run's metrics.jsonl (~0.7 MB; its summary holds what the report uses)
@@ -135,8 +135,15 @@ def plan(cfg: ReproduceConfig) -> list[RunSpec]:
                 runs += [RunSpec(paradigm, m, seed, per_layer=pl) for m, pl in ROWS[paradigm]]
             if paradigm == "sft" and seed < cfg.spectrum_seeds:
                 for knob, (method, values) in SPECTRUM.items():
-                    runs += [RunSpec(paradigm, method, seed, knobs=((knob, v),), sweep=knob) for v in values]
+                    runs += [RunSpec(paradigm, method, seed, knobs=((knob, v),), sweep=knob) for v in values
+                             if not in_main_table(cfg, paradigm, method, seed, knob, v)]
     return runs
+
+
+def in_main_table(cfg: ReproduceConfig, paradigm: str, method: str, seed: int, knob: str, value: float) -> bool:
+    """Is this spectrum point a main-table run already (the global row of `method`, the knob at its default, a
+    seed the table has)? Then it is not run twice: the spectrum plot reads the main-table run (report.py)."""
+    return seed < cfg.seeds and (method, False) in ROWS[paradigm] and value == knob_default(knob)
 
 
 def knob_default(knob: str) -> float:

@@ -1,8 +1,9 @@
 """The report of `drpt reproduce`: tables, verdicts and figures, every sentence computed from the runs.
 
-    results.md / results.csv   per paradigm and row: report-half accuracy and answer loss (mean +- SE over
-                               seeds), the select-half accuracy the choices used, retention, seconds per
-                               step; then the verdicts (stats.py) and, for SFT, the bias-variance checks
+    results.md / results.csv   what was fixed before the runs and what the job cost; the verdicts (paired t-tests,
+                               stats.py) and, for SFT, the bias-variance checks; per paradigm and row: report-half
+                               accuracy and answer loss (mean +- SE over seeds), the select-half value of the
+                               primary metric (what the choices read), retention, seconds per step
     curves.png                 report-half loss and accuracy against step, one column per paradigm: the two
                                endpoints, the best Dr row, the best baseline, the oracle (bands: +-1 SE)
     spectrum.png               report-half primary metric along each knob, standard training -> target-only
@@ -34,37 +35,39 @@ def _fmt(mean: float, se: float, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
 
 
-def table_rows(by_seed: dict) -> list[dict]:
+def table_rows(by_seed: dict, metric: str) -> list[dict]:
+    """Per paradigm and row: report accuracy and loss (mean, SE over seeds), the select value of `metric`
+    (what the choices read), retention, seconds per step."""
     rows = []
     for (paradigm, row), runs in by_seed.items():
         acc = stats.mean_se([stats.final(s, "report", "accuracy") for s in runs.values()])
         loss = stats.mean_se([stats.final(s, "report", "loss") for s in runs.values()])
         rows.append({"paradigm": paradigm, "row": row, "kind": stats.kind_of(row), "seeds": len(runs),
                      "acc_mean": acc[0], "acc_se": acc[1], "loss_mean": loss[0], "loss_se": loss[1],
-                     "select_acc": statistics.fmean(stats.final(s, "select", "accuracy") for s in runs.values()),
+                     "select_primary": statistics.fmean(stats.final(s, "select", metric) for s in runs.values()),
                      "retention": statistics.fmean(s["retention"] for s in runs.values()),
                      "sec_per_step": statistics.fmean(s["seconds_per_step"] for s in runs.values())})
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], metric: str) -> str:
     """One markdown table per paradigm of table_rows' rows."""
     lines = []
     for paradigm in dict.fromkeys(r["paradigm"] for r in rows):
-        lines += [f"\n### {paradigm}\n", "| row | kind | seeds | report acc | report loss | select acc | retention | "
-                  "s/step |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"\n### {paradigm}\n", "| row | kind | seeds | report acc | report loss | "
+                  f"select {metric} | retention | s/step |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['row']} | {r['kind']} | {r['seeds']} | {_fmt(r['acc_mean'], r['acc_se'], 3)} | "
-                  f"{_fmt(r['loss_mean'], r['loss_se'], 4)} | {r['select_acc']:.3f} | {r['retention']:.3f} | "
+                  f"{_fmt(r['loss_mean'], r['loss_se'], 4)} | {r['select_primary']:.3f} | {r['retention']:.3f} | "
                   f"{r['sec_per_step']:.3f} |" for r in rows if r["paradigm"] == paradigm]
     return "\n".join(lines)
 
 
-def write_table(out: str, rows: list[dict]) -> str:
+def write_table(out: str, rows: list[dict], metric: str) -> str:
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    return markdown_table(rows)
+    return markdown_table(rows, metric)
 
 
 def verdict_lines(by_seed: dict, paradigms: list[str], metric: str) -> list[str]:
@@ -79,27 +82,38 @@ def verdict_lines(by_seed: dict, paradigms: list[str], metric: str) -> list[str]
     return lines
 
 
-def phenomenon_lines(by_seed: dict, start: dict, paradigm: str = "sft") -> list[str]:
-    """The bias-variance checks of one paradigm, as sentences: does target-only fall then rise (variance),
-    does standard training stay above the best row (bias)?"""
+def _pm(p: dict, digits: int) -> str:
+    return f"{p['diff']:+.{digits}f} ± {p['se']:.{digits}f}"
+
+
+def phenomenon_lines(by_seed: dict, start: dict, metric: str, paradigm: str = "sft") -> list[str]:
+    """The bias-variance checks of one paradigm as sentences, each a paired t-test over seeds on the report half
+    (stats.verdict): does target-only fall, then rise (variance; stats.overfitting), does standard training end
+    above the best Dr row chosen on select (bias; stats.comparisons)? And the oracle's accuracy."""
     lines = []
-    target = list(by_seed.get((paradigm, "target"), {}).values())
+    target = by_seed.get((paradigm, "target"), {})
     if target:
         o = stats.overfitting(target, start)
-        lines.append(f"- {paradigm} target-only: report loss {o['start']:.3f} at the start, lowest {o['min']:.3f} at "
-                     f"step {o['min_step']}, {o['final']:.3f} at the end: "
-                     + ("it falls, then rises (overfitting)." if o["falls_then_rises"] else
-                        "it does NOT fall then rise by more than 2 SE."))
-    if (paradigm, "mean") in by_seed:
-        finals = {row: statistics.fmean(stats.final(s, "report", "loss") for s in runs.values())
-                  for (p, row), runs in by_seed.items() if p == paradigm and row not in ("oracle",)}
-        best = min(finals, key=finals.get)
+        fall, rise = stats.verdict(o["fall"], "loss"), stats.verdict(o["rise"], "loss")
+        said = ("it falls, then rises: overfitting shown." if o["falls_then_rises"] else
+                "unsupported: fewer than 2 seeds." if "unsupported" in fall + rise else
+                "overfitting NOT shown at this level.")
+        lines.append(f"- {paradigm} target-only (report loss, {len(target)} seeds): {o['start']:.3f} at the start; "
+                     f"{_fmt(*o['early'], 3)} at each seed's early-stopping step (chosen on select: steps "
+                     f"{', '.join(map(str, o['early_steps']))}), paired change from the start {_pm(o['fall'], 3)} "
+                     f"({'falls' if fall == 'ahead' else fall}); {_fmt(*o['final'], 3)} at the end, paired change "
+                     f"from the early-stopped {_pm(o['rise'], 3)} ({'rises' if rise == 'behind' else rise}): {said}")
+    bias = [c for c in stats.comparisons(by_seed, paradigm, metric) if c["row"] == "mean"]
+    if bias:
+        c = bias[0]
+        p, v = c["paired"]["loss"], c["verdicts"]["loss"]
+        said = ("standard training stays above it: bias shown." if v == "ahead" else
+                "unsupported: fewer than 2 seeds." if v.startswith("unsupported") else
+                f"bias NOT shown ({v} for the Dr row).")
         mean = stats.mean_se([stats.final(s, "report", "loss") for s in by_seed[(paradigm, "mean")].values()])
-        above = best != "mean" and mean[0] - finals[best] > stats.VERDICT_SE * (mean[1] if math.isfinite(mean[1])
-                                                                                 else 0.0)
-        lines.append(f"- {paradigm} standard training (`mean`): final report loss {_fmt(mean[0], mean[1], 3)} against "
-                     f"{finals[best]:.3f} for the best row `{best}` (the oracle aside): "
-                     + ("it stays above it by more than 2 SE (bias)." if above else "no bias shown at 2 SE."))
+        lines.append(f"- {paradigm} standard training (`mean`): final report loss {_fmt(*mean, 3)}; the best Dr row "
+                     f"chosen on select, `{c['dr']}`, minus `mean`, paired over {p['seeds']} seeds: {_pm(p, 4)}: "
+                     + said)
     if (paradigm, "oracle") in by_seed:
         acc = stats.mean_se([stats.final(s, "report", "accuracy") for s in by_seed[(paradigm, "oracle")].values()])
         lines.append(f"- {paradigm} oracle (target-only on fresh target samples): report accuracy "
@@ -119,36 +133,24 @@ def source_weights(by_seed: dict, paradigm: str, row: str) -> dict[str, float]:
 
 
 def story(by_seed: dict, paradigm: str, metric: str) -> str:
-    """A paragraph computed from the runs: which row did best on the report half (the oracle aside), the best
-    Dr row against the best baseline (paired, with its verdict), and which sources the best Dr row weighted."""
-    key = lambda r: statistics.fmean(stats.final(s, "report", metric) for s in by_seed[(paradigm, r)].values())  # noqa
-    rows = [r for (p, r) in by_seed if p == paradigm and r != "oracle"]
-    if not rows:
-        return f"No {paradigm} runs."
-    best = (max if stats.higher_is_better(metric) else min)(rows, key=key)
-    text = [f"On {paradigm}, the best row on the report half by {metric} was `{best}` ({key(best):.3f}"
-            f"{'' if stats.kind_of(best) != 'dr' else ', a Dr method'})."]
+    """A paragraph computed from the runs: the best Dr row chosen on the select half against the best baseline
+    (paired over seeds on the report half, with its verdict), and which sources that Dr row weighted."""
+    text = []
     for c in stats.comparisons(by_seed, paradigm, metric):
         if c["against"] == "best baseline":
             p = c["paired"][metric]
-            text.append(f"The best Dr row chosen on the select half, `{c['dr']}`, against the best baseline "
-                        f"`{c['row']}`: {metric} {p['diff']:+.3f} ± {p['se']:.3f} (paired over {p['seeds']} seeds), "
-                        f"so it is {c['verdict']}.")
+            text.append(f"On {paradigm}, the best Dr row chosen on the select half, `{c['dr']}`, against the best "
+                        f"baseline `{c['row']}`: report {metric} {p['diff']:+.3f} ± {p['se']:.3f} (paired over "
+                        f"{p['seeds']} seeds), so it is {c['verdict']}.")
             weights = source_weights(by_seed, paradigm, c["dr"])
             if weights:
                 ranked = sorted(weights.items(), key=lambda kv: -kv[1])
                 text.append(f"It weighted {ranked[0][0]} most ({ranked[0][1]:.2f}x the uniform weight) and "
                             f"{ranked[-1][0]} least ({ranked[-1][1]:.2f}x).")
-    return " ".join(text)
+    return " ".join(text) or f"No {paradigm} comparison of a Dr row against a baseline in these runs."
 
 
-def _mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
-    steps = [e["step"] for e in runs[0]["evals"]]
-    mean, se = zip(*(stats.mean_se([r["evals"][i][key] for r in runs]) for i in range(len(steps))))
-    return steps, list(mean), [0.0 if not math.isfinite(x) else x for x in se]
-
-
-def plot_curves(by_seed: dict, paradigms: list[str], start: dict, metric: str):
+def plot_curves(by_seed: dict, paradigms: list[str], start: dict, metric: str, oracle_size: int):
     """The figure of curves.png (returned, not saved)."""
     import matplotlib.pyplot as plt
 
@@ -157,14 +159,14 @@ def plot_curves(by_seed: dict, paradigms: list[str], start: dict, metric: str):
         rows = [("target", "target-only", "C3"), ("mean", "standard (mean)", "C7"),
                 (stats.best_row(by_seed, paradigm, "dr", metric), "best Dr", "C0"),
                 (stats.best_row(by_seed, paradigm, "baseline", metric), "best baseline", "C1"),
-                ("oracle", "oracle (2,000 target)", "k")]
+                ("oracle", f"oracle ({oracle_size:,} target)", "k")]
         for r, key in enumerate(("report_loss", "report_accuracy")):
             ax = axes[r][col]
             for row, what, color in rows:
                 runs = list(by_seed.get((paradigm, row), {}).values())
                 if not runs:
                     continue
-                steps, mean, se = _mean_curve(runs, key)
+                steps, mean, se = stats.mean_curve(runs, key)
                 steps, mean, se = [0] + steps, [start[key]] + mean, [0.0] + se
                 ax.plot(steps, mean, color=color, ls="--" if row == "oracle" else "-", lw=1.4,
                         label=f"{what}: {row}" if what.startswith("best") else what)
@@ -183,6 +185,14 @@ KNOB_AXES = {"k": "k, units kept (capped simplex)", "tau_rel": "tau / spread of 
              "ridge_rel": "ridge / mean K_ii (subspace)", "radius_rel": "radius / ||g_T - mean|| (ball)"}
 
 
+def at_point(summary: dict, knob: str, method: str, value: float) -> bool:
+    """Does this run sit at the spectrum point knob = value: a sweep run there, or the main-table global row of
+    `method` whose knob has that value (plan.in_main_table does not run it twice)?"""
+    if summary["sweep"]:
+        return summary["sweep"] == knob and dict(map(tuple, summary["knobs"]))[knob] == value
+    return summary["row"] == method and summary["paradigm"] == "sft" and summary["config"]["train"][knob] == value
+
+
 def plot_spectrum(summaries: list[dict], by_seed: dict, metric: str):
     """The figure of spectrum.png (returned, not saved); None without sweep runs."""
     import matplotlib.pyplot as plt
@@ -196,12 +206,12 @@ def plot_spectrum(summaries: list[dict], by_seed: dict, metric: str):
         method, values = SPECTRUM[knob]
         pts = []
         for i, v in enumerate(values):
-            xs = [s["final"][key] for s in summaries if s["sweep"] == knob and dict(map(tuple, s["knobs"]))[knob] == v]
+            xs = list({s["seed"]: s["final"][key] for s in summaries if at_point(s, knob, method, v)}.values())
             if xs:
                 pts.append((i, *stats.mean_se(xs), len(xs)))
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                     yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in pts], marker="o", capsize=3,
-                    label=f"{method} ({pts[0][3] if pts else 0} seeds)")
+                    label=f"{method} ({'-'.join(sorted({str(p[3]) for p in pts}, key=int))} seeds)")
         for row, style in (("mean", "--"), ("target", ":")):
             runs = by_seed.get(("sft", row), {})
             if runs:
@@ -255,37 +265,57 @@ def plot_weights(by_seed: dict, paradigms: list[str], metric: str):
     return fig
 
 
-def write_report(cfg, summaries: list[dict], start: dict) -> str:
+def header(cfg, summaries: list[dict], start: dict, timing: dict | None) -> str:
+    """The paragraph of what was fixed before the runs, how verdicts are made, and what the job cost."""
+    def seeds(k: int) -> str:
+        return f"{k} seed{'s' * (k != 1)}"
+
+    worker_min = sum(s["wall_seconds"] for s in summaries) / 60
+    cost = (f"Runs: {len(summaries)}, {worker_min:.1f} worker-minutes; this call's wall clock "
+            f"{timing['wall_seconds'] / 60:.1f} min on {timing['cpus']} CPUs with {timing['workers']} workers, load "
+            f"average {timing['load_start']:.2f} at the start and {timing['load_end']:.2f} at the end "
+            f"({timing['machine']})." if timing else
+            f"Runs: {len(summaries)}, {worker_min:.1f} worker-minutes (wall clock and load not recorded).")
+    others = [p for p in paradigms_of(cfg) if p != "sft"]
+    return (f"Fixed before the runs: {seeds(cfg.seeds)} per row ({seeds(cfg.spectrum_seeds)} per spectrum point), "
+            f"{cfg.steps} steps of AdamW at lr {cfg.lr:g}, n = {cfg.n_general} general and m = {cfg.m_target} "
+            f"target units per step, a target set of {cfg.target_size}; the oracle: {cfg.oracle_size} fresh target "
+            f"samples, m = {cfg.oracle_m_target}, lr {cfg.oracle_lr:g} after {cfg.oracle_warmup} warmup steps. "
+            f"Model {cfg.model}, device {cfg.device}; primary metric: {cfg.primary}. "
+            + (f"{', '.join(o.upper() for o in others)} run in the same regime as SFT, with no regime search of "
+               "their own (theory/reproduction.md). " if others else "")
+            + "Best rows and the early-stopping step are chosen on the select half of the held-out target prompts; "
+            f"every number below is on the report half ({cfg.eval_n} prompts each). ± is one standard error over "
+            "seeds. A verdict is a two-sided paired t-test at 95 % over the common seeds (ahead / behind beyond "
+            + (f"t SE, t = {stats.verdict_se(cfg.seeds):.2f} at {cfg.seeds} seeds). " if cfg.seeds >= 2 else
+               "t SE; with 1 seed every verdict is unsupported). ") + f"Starting model: report accuracy "
+            f"{start['report_accuracy']:.3f}, loss {start['report_loss']:.4f}. " + cost)
+
+
+def write_report(cfg, summaries: list[dict], start: dict, timing: dict | None = None) -> str:
+    """Write results.md, results.csv and the figures into cfg.out; returns results.md's text. `timing`: the
+    job's wall clock and load (run.py's timing.json), or None where it was not recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
     metric = cfg.primary
     paradigms = [p for p in paradigms_of(cfg) if any(s["paradigm"] == p for s in summaries)]
     by_seed = stats.rows_by_seed(summaries, metric)
-    rows = table_rows(by_seed)
-    table = write_table(cfg.out, rows)
+    rows = table_rows(by_seed, metric)
+    table = write_table(cfg.out, rows, metric)
     import matplotlib.pyplot as plt
 
-    figures = {"curves.png": plot_curves(by_seed, paradigms, start, metric),
+    figures = {"curves.png": plot_curves(by_seed, paradigms, start, metric, cfg.oracle_size),
                "spectrum.png": plot_spectrum(summaries, by_seed, metric),
                "weights.png": plot_weights(by_seed, paradigms, metric)}
     for name, fig in figures.items():
         if fig is not None:
             fig.savefig(os.path.join(cfg.out, name), dpi=110)
             plt.close(fig)
-    wall = sum(s["wall_seconds"] for s in summaries)
-    text = (f"# drpt reproduce --{cfg.mode}\n\n"
-            f"Fixed before the runs: {cfg.seeds} seeds per row ({cfg.spectrum_seeds} per spectrum point), {cfg.steps} "
-            f"steps of AdamW at lr {cfg.lr:g}, n = {cfg.n_general} general and m = {cfg.m_target} target units per "
-            f"step, a target set of {cfg.target_size} (the oracle: {cfg.oracle_size} fresh), model {cfg.model}, "
-            f"device {cfg.device}; primary metric: {metric}. Best rows and the early-stopping step are chosen on the "
-            f"select half of the held-out target prompts; every number below is on the report half ({cfg.eval_n} "
-            f"prompts each). ± is one standard error over seeds. Starting model: report accuracy "
-            f"{start['report_accuracy']:.3f}, loss {start['report_loss']:.4f}. Runs: {len(summaries)}, "
-            f"{wall / 60:.1f} worker-minutes.\n"
-            "\n## Verdicts (paired by seed, report half)\n\n" + "\n".join(verdict_lines(by_seed, paradigms, metric))
-            + "\n\n## Bias and variance (SFT)\n\n" + "\n".join(phenomenon_lines(by_seed, start))
-            + "\n\n## Tables\n" + table + "\n")
+    text = "\n".join([f"# drpt reproduce --{cfg.mode}\n", header(cfg, summaries, start, timing),
+                      "\n## Verdicts (paired by seed, report half)\n", *verdict_lines(by_seed, paradigms, metric)]
+                     + (["\n## Bias and variance (SFT)\n", *phenomenon_lines(by_seed, start, metric)]
+                        if "sft" in paradigms else []) + ["\n## Tables", table, ""])
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(text)
     return text

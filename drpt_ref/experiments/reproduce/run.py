@@ -1,33 +1,28 @@
-"""`drpt reproduce`: the paper's claims in miniature, every method on every paradigm over several seeds.
+"""`drpt reproduce`: the comparison fixed in plan.py, run over seeds, summarized, and reported.
 
-    drpt reproduce --quick                  # the README's main job: < 20 min on a 2-core CPU, into runs/reproduce_quick
-    drpt reproduce --quick --out results/reproduce_quick     # how the committed tables were written
-    drpt reproduce --full --device cuda     # more steps and seeds, on the larger GPT-2 small_models/gpt2-large-repro
-                                            # (LARGE_MODEL of experiments/build_model.py, built by
-                                            # `drpt build-model --config large`), into runs/reproduce_full
+    drpt reproduce --quick        # the README's main job: SFT, 2 seeds, on a 2-core CPU, into runs/reproduce_quick
+    drpt reproduce --headline --out results/reproduce_headline   # how the committed 5-seed run was written
+    drpt reproduce --full --device cuda   # GPU scale on the larger GPT-2 small_models/gpt2-large-repro (LARGE_MODEL
+                                          # of experiments/build_model.py: `drpt build-model --config large`)
 
-The plan (`plan`) is a list of runs of `drpt train`: for SFT, DPO and GRPO, the Dr family globally
-(target, mean, mix, ball, topk, capped_simplex, simplex, softmax, cone, subspace) and per layer, the
-selection baselines (random, less, rds) and ADAPT (adapt, adapt_softmax); HPT on its own paradigm;
-and the spectrum sweeps (k, tau, ridge, radius) between target-only and standard training. Each run
-writes its own directory; a finished run is skipped and an interrupted one resumed, so the whole
-command resumes after an interruption. A run is reused only if it was made with the same settings
-(`run_config`: its TrainConfig and the retention check, stored in summary.json and compared exactly).
-A run directory left by other settings (other --steps, --model, ...) is refused before anything runs,
-unless --overwrite, which replaces its run files (as `drpt train --overwrite`) with a log line; a run
-directory without drpt's marker is always refused, never deleted. Runs go to `workers` processes, one
-torch thread each.
+The plan (plan.py) is a list of runs of `drpt train`: per paradigm the endpoints (target-only, standard
+training), the oracle (SFT), the Dr rows and the baselines, then the SFT spectrum along each knob. Each run
+writes its own folder; a finished run is skipped and an interrupted one resumed, so the whole command resumes
+after an interruption (Ctrl-C cancels the queued runs; rerun the same command to continue). A run is reused
+only if it was made with the same settings (`run_config`, stored in summary.json and compared exactly). A run
+folder left by other settings is refused before anything runs, unless --overwrite, which replaces its run files
+(as `drpt train --overwrite`) with a log line; a folder without drpt's marker is always refused, never deleted.
+Every planned run's settings are checked (train.check_settings) before the output folder is claimed. Runs go
+to `workers` processes, one torch thread each.
 
-The output folder is marked as a reproduction (drpt_run.json, kind "reproduce"): a new or empty folder, or
-one of its own, never the --model folder nor a folder holding other files. The default is under runs/,
-which git ignores, so the committed results/ change only with an explicit --out. Once a run's summary is
-written its checkpoint and final model are removed (--keep-checkpoints keeps them): the quick job leaves
-tables, plots, metrics and summaries (~10 MB), not the 2.4 GB its 252 runs' checkpoints would take.
+The output folder is marked as a reproduction (drpt_run.json, kind "reproduce"): a new or empty folder, or one
+of its own, never the --model folder nor a folder holding other files. The default is under runs/, which git
+ignores, so the committed results/ change only with an explicit --out. Once a run's summary is written its
+checkpoint, final model and metrics.jsonl are removed (--keep-checkpoints, --keep-metrics keep them).
 
-Every run ends with the held-out target evaluation of `drpt train` (greedy exact match and answer
-loss on the target task's eval split) and a general-task retention check (accuracy on the helpful
-tasks' eval split). Nothing is tuned on the held-out set: knobs are fixed in `plan`.
-Tables and plots: experiments/reproduce/report.py.
+Every run ends with the held-out target evaluation of `drpt train` on both halves (select, report) and a
+general-task retention check (the helpful tasks, report half). timing.json records the wall clock and the load
+of the last call. Statistics: stats.py; tables, verdicts and figures: report.py.
 
 Shapes: no tensors here.
 """
@@ -39,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -62,7 +58,7 @@ from drpt_ref.experiments.reproduce.report import write_report
 from drpt_ref.flags import check_device, check_positive_ints, field_comments, parse_bool
 from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints
 from drpt_ref.training.model_folder import check_model_folder
-from drpt_ref.training.run_files import remove_path, write_json_atomic
+from drpt_ref.training.run_files import read_json_or_none, remove_path, write_json_atomic
 from drpt_ref.training.run_state import PLACE_FIELDS, RUN_ID, check_out_folder, claim_folder, read_marker
 
 log = logging.getLogger(__name__)
@@ -77,22 +73,14 @@ def config_changes(stored: dict | None, wanted: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def read_json(path: str) -> dict | None:
-    """The JSON object in path, or None where there is no such file."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def stale_run(run_dir: str, config: dict) -> list[str]:
     """Why what run_dir holds was made with other settings than `config` ([] when it is this run's own, or
     empty): the summary of a finished run is compared whole, the config.json of an interrupted one by its
     train fields (PLACE_FIELDS aside)."""
-    summary = read_json(os.path.join(run_dir, "summary.json"))
+    summary = read_json_or_none(os.path.join(run_dir, "summary.json"))
     if summary is not None:
         return config_changes(summary.get("config"), config)
-    stored = read_json(os.path.join(run_dir, "config.json"))
+    stored = read_json_or_none(os.path.join(run_dir, "config.json"))
     if stored is None:
         return []
     stored = {"train": {k: v for k, v in stored.items() if k not in PLACE_FIELDS + (RUN_ID,)}}
@@ -143,7 +131,7 @@ def run_one(cfg: ReproduceConfig, spec: RunSpec) -> dict:
     if changes:  # cfg.overwrite (run_problem): train --overwrite removes the old run's files, nothing else
         log.warning("run %s in %s was made with other settings (%s); --overwrite: training it again",
                     spec.name, tcfg.out, "; ".join(changes))
-    summary = read_json(summary_path) if not changes else None
+    summary = read_json_or_none(summary_path) if not changes else None
     if summary is not None:
         drop_bulk(cfg, tcfg.out)  # a run summarized just before an interruption
         return summary
@@ -187,12 +175,13 @@ def weights_by_source(metrics: list[dict], window: int) -> dict:
     import numpy as np
 
     sums: dict[int, dict[str, list[float]]] = {}
+    last = max((r["step"] for r in metrics), default=0)
     for r in metrics:
         w = np.asarray(r["weights"], dtype=np.float64).reshape(-1, len(r["sources"])).mean(axis=0)  # (n,)
         scale = np.abs(w).sum() / w.size
         if scale <= 0:
             continue
-        end = -(-r["step"] // window) * window  # the window's last step
+        end = min(-(-r["step"] // window) * window, last)  # the window's last step (the run's last at most)
         for wi, task, bad in zip(w / scale, r["sources"], r.get("corrupted", [False] * w.size)):
             sums.setdefault(end, {}).setdefault(weight_source(task, bad), []).append(float(wi))
     steps = sorted(sums)
@@ -210,7 +199,7 @@ def start_eval(cfg: ReproduceConfig) -> dict:
     from drpt_ref.training.evaluate import evaluate_task, load
 
     path = os.path.join(cfg.out, "start.json")
-    stored = read_json(path)
+    stored = read_json_or_none(path)
     if stored is not None and stored.get("model") == cfg.model and stored.get("eval_n") == cfg.eval_n:
         return stored
     torch.set_num_threads(1)
@@ -267,22 +256,48 @@ def check_config(cfg: ReproduceConfig) -> None:
 def reproduce(cfg: ReproduceConfig) -> list[dict]:
     check_config(cfg)
     specs = plan(cfg)
+    from drpt_ref.training.train import check_settings  # torch: not imported for --help
+
+    for tcfg in {json.dumps(dataclasses.asdict(t)): t for t in (train_config(cfg, s) for s in specs)}.values():
+        check_settings(tcfg)  # every planned run, before the folder is claimed (e.g. --n-general > pool)
     problems = [p for p in (run_problem(cfg, spec) for spec in specs) if p is not None]
     if problems:  # refused before any run is trained or removed
         raise ValueError(f"--out {cfg.out!r}: {len(problems)} of its runs cannot be reused: {problems[0]}")
     claim_folder(cfg.out, "reproduce")
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     write_json_atomic(os.path.join(cfg.out, "reproduce_config.json"), dataclasses.asdict(cfg))
+    began, load_start = time.perf_counter(), os.getloadavg()[0]
     start_eval(cfg)
-    summaries = []
-    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-        futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not cfg.progress):
-            summaries.append(fut.result())
+    summaries = run_all(cfg, specs)
     order = {spec.name: i for i, spec in enumerate(specs)}
     summaries.sort(key=lambda s: order[s["name"]])
-    with open(os.path.join(cfg.out, "summaries.json"), "w") as f:
-        json.dump(summaries, f)
+    write_json_atomic(os.path.join(cfg.out, "summaries.json"), summaries)
+    write_json_atomic(os.path.join(cfg.out, "timing.json"), {
+        "wall_seconds": time.perf_counter() - began, "load_start": load_start, "load_end": os.getloadavg()[0],
+        "cpus": os.cpu_count(), "workers": cfg.workers, "runs": len(specs),
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip()})
+    return summaries
+
+
+def run_all(cfg: ReproduceConfig, specs: list[RunSpec]) -> list[dict]:
+    """Every run on cfg.workers processes, with a progress bar; on Ctrl-C the queued runs are cancelled and the
+    running ones stopped, and the command says how to continue (a rerun resumes)."""
+    pool = ProcessPoolExecutor(max_workers=cfg.workers)
+    futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
+    summaries = []
+    try:
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not cfg.progress):
+            summaries.append(fut.result())
+    except KeyboardInterrupt:
+        for fut in futures:
+            fut.cancel()
+        for proc in list(getattr(pool, "_processes", {}).values()):  # the running runs stop at once
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise KeyboardInterrupt(f"interrupted after {len(summaries)} of {len(specs)} runs; run the same command "
+                                "again to resume (finished runs are kept, interrupted ones resume from their "
+                                "last checkpoint).") from None
+    pool.shutdown()
     return summaries
 
 
@@ -294,10 +309,13 @@ def mode_defaults(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="CPU, <= 15 min on an idle 2-core machine (default)")
+                      help="the default: SFT only, 2 seeds, on the CPU, <= 15 min on an idle 2-core machine")
     mode.add_argument("--headline", dest="mode", action="store_const", const="headline",
-                      help="CPU, the committed 5-seed run (results/reproduce_headline; about an hour on 2 cores)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="GPU scale")
+                      help="SFT, DPO, GRPO and HPT, 5 seeds, on the CPU: the run committed in "
+                           "results/reproduce_headline (135 worker-minutes: about 70 min on 2 idle cores)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="GPU scale: needs --device cuda and the larger model (build it first with `drpt "
+                           f"build-model --config large --device cuda`, which writes {LARGE_MODEL})")
     parser.set_defaults(mode="quick")
     comments = field_comments(ReproduceConfig)
     for f in dataclasses.fields(ReproduceConfig):
@@ -314,5 +332,5 @@ def run(args: argparse.Namespace) -> int:
              if f.name != "mode" and getattr(args, f.name) is not None}
     cfg = ReproduceConfig(mode=args.mode, **{**MODES[args.mode], **given})
     summaries = reproduce(cfg)
-    print(write_report(cfg, summaries, start_eval(cfg)))
+    print(write_report(cfg, summaries, start_eval(cfg), read_json_or_none(os.path.join(cfg.out, "timing.json"))))
     return 0

@@ -9,20 +9,25 @@ report (report.py) and of the notebooks cannot contradict the tables. Convention
     SE          the standard error of a mean over seeds, std / sqrt(k) (sample std, k - 1 in it)
     paired      the difference of two rows seed by seed (the same seed draws the same data), then its mean
                 and SE: the seed-to-seed spread that both rows share cancels
-    verdict     "ahead" / "behind" when the paired difference is more than 2 SE in favour / against,
-                otherwise "tied within 2 SE"; "unsupported" below 2 common seeds (no SE)
+    verdict     "ahead" / "behind" when the paired difference is more than t SE in favour / against, t the
+                97.5 % quantile of Student's t with k - 1 degrees of freedom (a two-sided 95 % paired t-test,
+                eq. (2) in theory/reproduction.md: 2.78 SE at 5 seeds, 12.7 at 2; a flat 2 SE would call about
+                29 % of true ties at 2 seeds), otherwise "tied within t SE"; "unsupported" below 2 common seeds
 
 Shapes: no tensors here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 
+from scipy.stats import t as student_t
+
 from drpt_ref.experiments.reproduce.plan import BASELINES, DR_METHODS
 
-VERDICT_SE = 2.0  # a difference counts when it exceeds this many standard errors (about a 95% interval)
+VERDICT_LEVEL = 0.95  # two-sided level of the paired t-test behind every verdict (eq. (2) in theory/reproduction.md)
 EARLY = "target (early-stopped)"  # the row read from the target-only runs at their best select step
 
 
@@ -49,7 +54,7 @@ def early_stopped(summary: dict, metric: str) -> dict:
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (0 SE for one seed)."""
+    """Mean and standard error over seeds (NaN SE for one seed, NaN mean for none)."""
     if len(xs) < 2:
         return (xs[0] if xs else math.nan), math.nan
     return statistics.fmean(xs), statistics.stdev(xs) / math.sqrt(len(xs))
@@ -77,17 +82,25 @@ def paired(a: dict[int, dict], b: dict[int, dict], split: str, metric: str) -> d
     return {"diff": diff, "se": se, "seeds": len(seeds)}
 
 
+@functools.cache
+def verdict_se(seeds: int) -> float:
+    """How many standard errors a paired difference over `seeds` seeds must exceed to count: Student's t quantile
+    at VERDICT_LEVEL with seeds - 1 degrees of freedom (eq. (2) in theory/reproduction.md); NaN below 2 seeds."""
+    return float(student_t.ppf(0.5 + VERDICT_LEVEL / 2, seeds - 1)) if seeds >= 2 else math.nan
+
+
 def verdict(p: dict, metric: str) -> str:
-    """'ahead', 'behind' or 'tied within 2 SE' for the first row of a paired difference; 'unsupported' when
-    there is no SE (fewer than 2 common seeds)."""
+    """'ahead', 'behind' or 'tied within t SE' for the first row of a paired difference (a two-sided paired
+    t-test at VERDICT_LEVEL); 'unsupported' when there is no SE (fewer than 2 common seeds)."""
     if p["seeds"] < 2 or not math.isfinite(p["se"]):
         return "unsupported (fewer than 2 common seeds)"
     gain = p["diff"] if higher_is_better(metric) else -p["diff"]
-    if gain > VERDICT_SE * p["se"]:
+    bound = verdict_se(p["seeds"]) * p["se"]
+    if gain > bound:
         return "ahead"
-    if -gain > VERDICT_SE * p["se"]:
+    if -gain > bound:
         return "behind"
-    return f"tied within {VERDICT_SE:g} SE"
+    return f"tied within {verdict_se(p['seeds']):.2f} SE"
 
 
 def best_row(by_seed: dict, paradigm: str, kind: str, metric: str) -> str | None:
@@ -119,15 +132,27 @@ def comparisons(by_seed: dict, paradigm: str, metric: str) -> list[dict]:
     return out
 
 
-def overfitting(summary_runs: list[dict], start: dict) -> dict:
-    """A row's report loss over the run, mean over seeds, against the starting model's `start` evaluation:
-    its minimum (step, value) and final value; 'falls_then_rises' when the minimum is below the start and the
-    final loss above the minimum by more than 2 SE of the final values."""
-    steps = [e["step"] for e in summary_runs[0]["evals"]]
-    curve = [statistics.fmean(s["evals"][i]["report_loss"] for s in summary_runs) for i in range(len(steps))]
-    i_min = min(range(len(curve)), key=curve.__getitem__)
-    _, se_end = mean_se([s["evals"][-1]["report_loss"] for s in summary_runs])
-    start = start["report_loss"]
-    rises = curve[-1] - curve[i_min] > VERDICT_SE * (se_end if math.isfinite(se_end) else 0.0)
-    return {"start": start, "min_step": steps[i_min], "min": curve[i_min], "final": curve[-1],
-            "falls_then_rises": curve[i_min] < start and i_min < len(curve) - 1 and rises}
+def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
+    """One evaluation key over the run: (steps, mean over runs, SE over runs, 0 where undefined)."""
+    steps = [e["step"] for e in runs[0]["evals"]]
+    mean, se = zip(*(mean_se([r["evals"][i][key] for r in runs]) for i in range(len(steps))))
+    return steps, list(mean), [0.0 if not math.isfinite(x) else x for x in se]
+
+
+def overfitting(target: dict[int, dict], start: dict) -> dict:
+    """Does target-only fall, then rise, on report loss? Both steps are paired t-tests over the seeds:
+
+        falls   the report loss at each seed's early-stopping step (chosen on *select* loss) against the
+                starting model's (`start`, the same model for every seed)
+        rises   each seed's final report loss against its early-stopped one
+
+    Returns {"start", "early": (mean, SE), "early_steps", "final": (mean, SE), "fall", "rise" (paired
+    differences, stats.paired's form), "falls_then_rises" (both verdicts in the overfitting direction)}.
+    """
+    early = {s: {**r, "final": early_stopped(r, "loss")} for s, r in target.items()}
+    at_start = {s: {"final": start} for s in target}
+    fall, rise = paired(early, at_start, "report", "loss"), paired(target, early, "report", "loss")
+    return {"start": start["report_loss"], "early": mean_se([final(r, "report", "loss") for r in early.values()]),
+            "early_steps": sorted(r["final"]["step"] for r in early.values()),
+            "final": mean_se([final(r, "report", "loss") for r in target.values()]), "fall": fall, "rise": rise,
+            "falls_then_rises": verdict(fall, "loss") == "ahead" and verdict(rise, "loss") == "behind"}

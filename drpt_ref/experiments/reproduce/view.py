@@ -1,7 +1,7 @@
 """What notebooks 06-08 show: one paradigm of a reproduction, read from its folder or trained live.
 
     view = read_view("../results/reproduce_headline", "sft")     # the committed 5-seed run, as it was measured
-    view = live_view("sft", "../runs/notebook_sft", small=False)  # the same regime trained here: 1 seed, the
+    view = live_view("sft", "../runs/notebook_live_sft", small=False)  # the same regime trained here: 1 seed, the
                                                                   # paradigm's rows, no spectrum (minutes on a CPU)
     view.by_seed, view.start, view.metric, view.cfg               # what report.py's figures and story() take
 
