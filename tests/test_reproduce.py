@@ -153,7 +153,9 @@ def test_default_outputs_are_ignored_by_git():
     from drpt_ref.training.train import TrainConfig
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
+    inside = shutil.which("git") is not None and subprocess.run(
+        ["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True).returncode == 0
+    if not inside:  # a worktree's .git is a file: ask git, not the file system
         pytest.skip("not a git checkout")
     for out in (rep.ReproduceConfig().out, HEADLINE["out"], FULL["out"], TrainConfig().out):
         probe = os.path.join(out, "runs", "x", "summary.json")
@@ -259,3 +261,46 @@ def test_ctrl_c_cancels_the_queued_runs_and_says_how_to_resume(tmp_path, monkeyp
 
     time.sleep(1.5)  # a queued run that was not cancelled would have written its file by now
     assert len([f for f in os.listdir(cfg.out) if f.startswith("ran_")]) < 3
+
+
+def test_the_committed_headline_runs_stay_reusable_as_drpt_gains_settings():
+    """Every committed headline run matches the run its plan asks for today (a TrainConfig field added since
+    counts as its default), so `drpt reproduce --headline --out results/reproduce_headline` reuses them."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "results", "reproduce_headline")
+    with open(os.path.join(folder, "reproduce_config.json")) as f:
+        cfg = rep.ReproduceConfig(**json.load(f))
+    with open(os.path.join(folder, "summaries.json")) as f:
+        summaries = json.load(f)
+    specs = {spec.name: spec for spec in full_plan(cfg)}
+    assert set(specs) <= {s["name"] for s in summaries}
+    for s in summaries:
+        if s["name"] in specs:
+            wanted = rep.run_config(cfg, rep.train_config(cfg, specs[s["name"]]))
+            assert rep.config_changes(s["config"], wanted) == [], s["name"]
+    stored = {**summaries[0]["config"], "train": {**summaries[0]["config"]["train"], "lr": 0.5}}
+    assert rep.config_changes(stored, rep.run_config(cfg, rep.train_config(cfg, specs[summaries[0]["name"]]))) == [
+        "lr: 0.5 -> 0.0001"]
+    trimmed = {**summaries[0]["config"], "train": {k: v for k, v in summaries[0]["config"]["train"].items()
+                                                   if k != "warmup"}}  # as if made before --warmup existed
+    changed = dataclasses.replace(cfg, oracle_warmup=7)
+    oracle = next(spec for spec in full_plan(cfg) if spec.method == "oracle")
+    assert rep.config_changes(trimmed, rep.run_config(cfg, rep.train_config(cfg, specs[summaries[0]["name"]]))) == []
+    assert "warmup: 0 -> 7" in rep.config_changes(
+        {**trimmed, "train": {**trimmed["train"], "method": "target", "lr": 2e-3, "m_target": 64,
+                              "target_size": 2000}}, rep.run_config(changed, rep.train_config(changed, oracle)))
+
+
+def test_oracle_warmup_must_end_before_the_last_step(tmp_path):
+    with pytest.raises(ValueError, match=r"--oracle-warmup must be in \[0, --steps\)"):
+        rep.reproduce(_small(tmp_path, oracle_warmup=2))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_ctrl_c_in_the_cli_is_a_message_and_exit_130_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt("interrupted after 3 of 45 runs; run the same command again to resume")
+
+    monkeypatch.setattr(rep, "reproduce", interrupted)
+    assert main(["reproduce", "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "Traceback" not in err

@@ -107,3 +107,21 @@ def test_weights_by_source_relative_to_uniform_with_the_noisy_task_split():
     assert out["add3_noisy (right)"] == pytest.approx([1.6, 2.0])
     assert out["add3_noisy (wrong)"] == pytest.approx([0.0, 0.5])
     assert out["add3_rev"] == pytest.approx([0.8, 0.5])
+
+
+def test_a_baseline_that_is_target_only_seed_by_seed_is_named_so():
+    """HPT's `hpt` row is target-only by construction: the verdict line says so instead of calling it a baseline
+    beaten; the early-stopped row's retention is n/a (the retention check ran on the final model)."""
+    from drpt_ref.experiments.reproduce import report
+
+    target = [_run("hpt", "target", s, [_eval(10, 0.1, 0.1, 0.9, 0.9 + s / 10)], retention=0.5) for s in range(3)]
+    hpt = [{**r, "row": "hpt"} for r in target]
+    dr = [_run("hpt", "capped_simplex-pl", s, [_eval(10, 0.2, 0.2, 0.5, 0.5 + s / 9)]) for s in range(3)]
+    by_seed = stats.rows_by_seed(target + hpt + dr, "loss")
+    (c,) = [c for c in stats.comparisons(by_seed, "hpt", "loss") if c["against"] == "best baseline"]
+    assert c["row"] == "hpt" and c["same_as_target"]
+    assert "is the target-only run seed by seed" in report.verdict_lines(by_seed, ["hpt"], "loss")[0]
+    other = [{**r, "row": "hpt", "evals": [_eval(10, 0.1, 0.1, 0.9, 0.95)]} for r in target]
+    assert not stats.same_runs(stats.rows_by_seed(other, "loss")[("hpt", "hpt")], by_seed[("hpt", "target")])
+    table = report.markdown_table(report.table_rows(by_seed, "loss"), "loss")
+    assert "| target (early-stopped) | endpoint | 3 |" in table and "| n/a |" in table

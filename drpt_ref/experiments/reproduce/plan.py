@@ -48,7 +48,7 @@ SPECTRUM = {
     "radius_rel": ("ball", [0.0, 0.25, 0.5, 0.75, 1.0]),
 }
 RETENTION_TASKS = ("add2", "carry", "copy")  # the helpful general tasks
-# What differs by paradigm (TrainConfig fields), found by the regime search of theory/reproduction.md.
+# What differs by paradigm (TrainConfig fields): fixed before the runs, not searched (theory/reproduction.md §3).
 PARADIGM_SETTINGS = {
     "sft": {},
     "dpo": {"beta": 0.1},
@@ -78,7 +78,7 @@ class ReproduceConfig:
     eval_every: int = 30  # steps between held-out evaluations (select and report halves)
     eval_n: int = 250  # held-out target prompts of each half per evaluation
     retention_n: int = 60  # held-out prompts per helpful task for the retention check (report half)
-    primary: str = "loss"  # the metric that chooses the best rows: loss (answer NLL) | accuracy; both get verdicts
+    primary: str = "loss"  # picks best rows and early stopping: loss (answer NLL) | accuracy; both get verdicts
     model: str = "small_models/gpt2-tiny"  # the starting model (a folder written by `drpt build-model`)
     progress: bool = True  # a progress bar over runs
     keep_checkpoints: bool = False  # keep each run's checkpoint and final/ model once summarized

@@ -57,7 +57,8 @@ def markdown_table(rows: list[dict], metric: str) -> str:
         lines += [f"\n### {paradigm}\n", "| row | kind | seeds | report acc | report loss | "
                   f"select {metric} | retention | s/step |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['row']} | {r['kind']} | {r['seeds']} | {_fmt(r['acc_mean'], r['acc_se'], 3)} | "
-                  f"{_fmt(r['loss_mean'], r['loss_se'], 4)} | {r['select_primary']:.3f} | {r['retention']:.3f} | "
+                  f"{_fmt(r['loss_mean'], r['loss_se'], 4)} | {r['select_primary']:.3f} | "
+                  f"{'n/a' if math.isnan(r['retention']) else format(r['retention'], '.3f')} | "
                   f"{r['sec_per_step']:.3f} |" for r in rows if r["paradigm"] == paradigm]
     return "\n".join(lines)
 
@@ -76,8 +77,11 @@ def verdict_lines(by_seed: dict, paradigms: list[str], metric: str) -> list[str]
         for c in stats.comparisons(by_seed, paradigm, metric):
             acc, loss = c["paired"]["accuracy"], c["paired"]["loss"]
             v = c["verdicts"]
-            lines.append(f"- {paradigm}: best Dr `{c['dr']}` against {c['against']} `{c['row']}` "
-                         f"({acc['seeds']} paired seeds): loss {loss['diff']:+.4f} ± {loss['se']:.4f} "
+            same = (f" (`{c['row']}` is the target-only run seed by seed: this compares Dr with target-only)"
+                    if c["same_as_target"] else "")
+            lines.append(f"- {paradigm}: best Dr `{c['dr']}` against {c['against']} `{c['row']}`{same} "
+                         f"({acc['seeds']} paired seed{'s' * (acc['seeds'] != 1)}): "
+                         f"loss {loss['diff']:+.4f} ± {loss['se']:.4f} "
                          f"(**{v['loss']}**), accuracy {acc['diff']:+.3f} ± {acc['se']:.3f} (**{v['accuracy']}**).")
     return lines
 
@@ -167,9 +171,12 @@ def plot_curves(by_seed: dict, paradigms: list[str], start: dict, metric: str, o
                 if not runs:
                     continue
                 steps, mean, se = stats.mean_curve(runs, key)
+                same = row not in ("target", stats.EARLY) and stats.same_runs(by_seed[(paradigm, row)],
+                                                           by_seed.get((paradigm, "target"), {}))
                 steps, mean, se = [0] + steps, [start[key]] + mean, [0.0] + se
-                ax.plot(steps, mean, color=color, ls="--" if row == "oracle" else "-", lw=1.4,
-                        label=f"{what}: {row}" if what.startswith("best") else what)
+                ax.plot(steps, mean, color=color, ls="--" if row == "oracle" or same else "-", lw=1.4,
+                        label=(f"{what}: {row}" + (" (= target-only)" if same else "")) if what.startswith("best")
+                        else what)
                 ax.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
                                 color=color, alpha=0.15, lw=0)
             ax.set_xlabel("step")
@@ -256,11 +263,12 @@ def plot_weights(by_seed: dict, paradigms: list[str], metric: str):
         ax.set_title(f"{paradigm}: best {'Dr' if kind == 'dr' else 'baseline'} `{row}`", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("weight / uniform weight")
+        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("mean weight of a general unit by source, relative to standard training's (1, dotted); "
-                 "mean over seeds and each window of steps", fontsize=9)
+    fig.suptitle("mean weight of a general unit by source, relative to standard training's (1, dotted); mean over "
+                 "seeds and each window of steps\n(GRPO, HPT: no add3_noisy sample is wrong, their units are prompts "
+                 "scored against the right answer)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -282,11 +290,14 @@ def header(cfg, summaries: list[dict], start: dict, timing: dict | None) -> str:
             f"target units per step, a target set of {cfg.target_size}; the oracle: {cfg.oracle_size} fresh target "
             f"samples, m = {cfg.oracle_m_target}, lr {cfg.oracle_lr:g} after {cfg.oracle_warmup} warmup steps. "
             f"Model {cfg.model}, device {cfg.device}; primary metric: {cfg.primary}. "
-            + (f"{', '.join(o.upper() for o in others)} run in the same regime as SFT, with no regime search of "
-               "their own (theory/reproduction.md). " if others else "")
+            + (f"{', '.join(o.upper() for o in others)} run in the SFT regime; only the lr was searched for DPO and "
+               "GRPO, on one seed, after the headline (theory/reproduction.md §3). " if others else "")
             + "Best rows and the early-stopping step are chosen on the select half of the held-out target prompts; "
             f"every number below is on the report half ({cfg.eval_n} prompts each). ± is one standard error over "
-            "seeds. A verdict is a two-sided paired t-test at 95 % over the common seeds (ahead / behind beyond "
+            "seeds. The choices on select are made on the same trained models as the report numbers (select and "
+            "report values of a run correlate), so picking the best of several rows carries some of a seed's luck "
+            "into the report half, and no correction for the number of verdicts is made. A verdict is a two-sided "
+            "paired t-test at 95 % over the common seeds (ahead / behind beyond "
             + (f"t SE, t = {stats.verdict_se(cfg.seeds):.2f} at {cfg.seeds} seeds). " if cfg.seeds >= 2 else
                "t SE; with 1 seed every verdict is unsupported). ") + f"Starting model: report accuracy "
             f"{start['report_accuracy']:.3f}, loss {start['report_loss']:.4f}. " + cost)

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -63,12 +64,22 @@ from drpt_ref.training.run_state import PLACE_FIELDS, RUN_ID, check_out_folder, 
 
 log = logging.getLogger(__name__)
 
+def train_defaults() -> dict:
+    """TrainConfig's defaults in their JSON form (PLACE_FIELDS aside)."""
+    from drpt_ref.training.train import TrainConfig
+
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in PLACE_FIELDS}))
+
+
 def config_changes(stored: dict | None, wanted: dict) -> list[str]:
-    """'name: stored -> wanted' for each setting that differs (train fields by their own name); [] if equal."""
+    """'name: stored -> wanted' for each setting that differs (train fields by their own name); [] if equal. A
+    train field the stored config lacks (added to drpt after the run was made) counts as its default: a new
+    field at its default keeps the old behaviour, so the run is reused."""
     if not stored:
         return ["no settings stored (a summary from before they were)"]
     flat = lambda c: {**c.get("train", {}), **{k: v for k, v in c.items() if k != "train"}}  # noqa: E731
     old, new = flat(stored), flat(wanted)
+    old = {**{k: v for k, v in train_defaults().items() if k not in old}, **old}  # fields added since: their default
     keys = sorted(old.keys() | new.keys())
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -235,8 +246,9 @@ def check_config(cfg: ReproduceConfig) -> None:
     for name in ("lr", "oracle_lr"):
         if not (0 < getattr(cfg, name) <= 10):
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 10], got {getattr(cfg, name)}.")
-    if not isinstance(cfg.oracle_warmup, int) or cfg.oracle_warmup < 0:
-        raise ValueError(f"--oracle-warmup must be >= 0 (steps), got {cfg.oracle_warmup!r}.")
+    if not isinstance(cfg.oracle_warmup, int) or not 0 <= cfg.oracle_warmup < cfg.steps:
+        raise ValueError(f"--oracle-warmup must be in [0, --steps) (steps; the oracle must reach its lr), got "
+                         f"{cfg.oracle_warmup!r} with --steps {cfg.steps}.")
     if cfg.oracle_m_target > cfg.oracle_size:
         raise ValueError(f"--oracle-m-target {cfg.oracle_m_target} must be <= --oracle-size {cfg.oracle_size}.")
     if cfg.primary not in PRIMARY:
@@ -259,7 +271,11 @@ def reproduce(cfg: ReproduceConfig) -> list[dict]:
     from drpt_ref.training.train import check_settings  # torch: not imported for --help
 
     for tcfg in {json.dumps(dataclasses.asdict(t)): t for t in (train_config(cfg, s) for s in specs)}.values():
-        check_settings(tcfg)  # every planned run, before the folder is claimed (e.g. --n-general > pool)
+        try:  # every planned run, before the folder is claimed (e.g. --n-general above the general pool)
+            check_settings(tcfg)
+        except ValueError as err:
+            raise ValueError(f"a planned run ({tcfg.paradigm} {tcfg.method}) cannot train: {err} (reproduce uses "
+                             f"drpt train's defaults for what it does not set: --pool-size {tcfg.pool_size})") from None
     problems = [p for p in (run_problem(cfg, spec) for spec in specs) if p is not None]
     if problems:  # refused before any run is trained or removed
         raise ValueError(f"--out {cfg.out!r}: {len(problems)} of its runs cannot be reused: {problems[0]}")
@@ -317,6 +333,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="GPU scale: needs --device cuda and the larger model (build it first with `drpt "
                            f"build-model --config large --device cuda`, which writes {LARGE_MODEL})")
     parser.set_defaults(mode="quick")
+    parser.epilog = ("Writes into --out: results.md (what was fixed, verdicts, bias-variance checks, tables), "
+                     "results.csv, curves.png, spectrum.png, weights.png, summaries.json (one summary per run), "
+                     "start.json, reproduce_config.json, timing.json (wall clock, load), and runs/ (one folder per "
+                     "run of `drpt train`).")
     comments = field_comments(ReproduceConfig)
     for f in dataclasses.fields(ReproduceConfig):
         if f.name == "mode":
@@ -331,6 +351,13 @@ def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReproduceConfig)
              if f.name != "mode" and getattr(args, f.name) is not None}
     cfg = ReproduceConfig(mode=args.mode, **{**MODES[args.mode], **given})
-    summaries = reproduce(cfg)
+    if cfg.seeds < 2:
+        print(f"note: --seeds {cfg.seeds}: every verdict will read 'unsupported' (a paired t-test needs 2 seeds).",
+              file=sys.stderr)
+    try:
+        summaries = reproduce(cfg)
+    except KeyboardInterrupt as err:
+        print(f"drpt reproduce: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     print(write_report(cfg, summaries, start_eval(cfg), read_json_or_none(os.path.join(cfg.out, "timing.json"))))
     return 0

@@ -62,7 +62,8 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def rows_by_seed(summaries: list[dict], metric: str) -> dict[tuple[str, str], dict[int, dict]]:
     """(paradigm, row) -> {seed: summary} of the main table, with the early-stopped target-only row added
-    (its summary's "final" replaced by the evaluation at the step best on select)."""
+    (its summary's "final" replaced by the evaluation at the step best on select; its retention NaN: the
+    retention check ran on the final model, not on the early-stopped one)."""
     out: dict[tuple[str, str], dict[int, dict]] = {}
     for s in summaries:
         if s["sweep"]:
@@ -70,7 +71,8 @@ def rows_by_seed(summaries: list[dict], metric: str) -> dict[tuple[str, str], di
         out.setdefault((s["paradigm"], s["row"]), {})[s["seed"]] = s
         if s["row"] == "target":
             early = early_stopped(s, metric)
-            out.setdefault((s["paradigm"], EARLY), {})[s["seed"]] = {**s, "row": EARLY, "final": early}
+            out.setdefault((s["paradigm"], EARLY), {})[s["seed"]] = {  # retention: measured on the final model only
+                **s, "row": EARLY, "final": early, "retention": math.nan}
     return out
 
 
@@ -128,6 +130,8 @@ def comparisons(by_seed: dict, paradigm: str, metric: str) -> list[dict]:
         a, b = by_seed[(paradigm, dr)], by_seed[(paradigm, row)]
         pair = {m: paired(a, b, "report", m) for m in ("accuracy", "loss")}
         out.append({"paradigm": paradigm, "dr": dr, "against": what, "row": row, "paired": pair,
+                    "same_as_target": row not in ("target", EARLY)
+                    and same_runs(b, by_seed.get((paradigm, "target"), {})),
                     "verdict": verdict(pair[metric], metric), "verdicts": {m: verdict(pair[m], m) for m in pair}})
     return out
 
@@ -137,6 +141,12 @@ def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list
     steps = [e["step"] for e in runs[0]["evals"]]
     mean, se = zip(*(mean_se([r["evals"][i][key] for r in runs]) for i in range(len(steps))))
     return steps, list(mean), [0.0 if not math.isfinite(x) else x for x in se]
+
+
+def same_runs(a: dict[int, dict], b: dict[int, dict]) -> bool:
+    """Are two rows the same runs, seed by seed (every evaluation equal)? E.g. `hpt` under paradigm hpt is
+    target-only by construction (training/rules.py)."""
+    return bool(a) and a.keys() == b.keys() and all(a[s]["evals"] == b[s]["evals"] for s in a)
 
 
 def overfitting(target: dict[int, dict], start: dict) -> dict:
