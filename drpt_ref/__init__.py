@@ -24,6 +24,7 @@ Layout, one subpackage per layer; imports run only downward (each __init__ says 
     gram         the Gram quantities K, b, c of a model's per-unit gradients: exact, ghost and sketched engines
     training     the Dr step and the training loop: weight rules, selection baselines, ADAPT, HPT, run state
     experiments  the jobs built on training: reproduce, bias-variance, spectrum, benchmarks, build-model
+    integrations the Dr step inside TRL's trainers: DrSFTTrainer and DrDPOTrainer (optional extra `trl`)
     cli          `drpt`, one subcommand per job
 
 Entry points:

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("drpt_ref.experiments.reproduce.run",
                   "the fixed comparison over seeds: endpoints, oracle, Dr vs baselines, paired verdicts, figures"),
     "train": ("drpt_ref.training.train",
-              "SFT, DPO or GRPO on the task suite, each step a Dr. Post-Training projection"),
+              "SFT, DPO, GRPO or HPT on the task suite or your own files, each step a Dr. Post-Training projection"),
     "eval": ("drpt_ref.training.evaluate", "greedy exact-match accuracy and answer loss on held-out task prompts"),
 }
 

@@ -12,6 +12,7 @@ from drpt_ref.training.run_state import (
     MARKER,
     MetricsLog,
     check_out_folder,
+    check_resumed_config,
     claim_folder,
     read_metrics,
     step_generator,
@@ -125,3 +126,17 @@ def test_out_paths_that_cannot_be_folders(tmp_path):
         locked.chmod(0o500)
         with pytest.raises(ValueError, match="is not writable"):
             check_out_folder(str(locked / "run"), "train")
+
+
+def test_resume_counts_a_setting_added_since_the_run_as_its_default(tmp_path):
+    """A run made before a TrainConfig field existed resumes when the field is at its default, and is refused
+    when the resumed config sets it to anything else."""
+    from drpt_ref.training.run_state import write_config
+
+    write_config(str(tmp_path), {"lr": 0.1, "model": "m"}, "abc-123")
+    defaults = {"lr": 0.001, "lora_r": 0, "model": "x"}
+    assert check_resumed_config(str(tmp_path), {"lr": 0.1, "lora_r": 0, "model": "m"}, defaults) == "abc-123"
+    with pytest.raises(ValueError, match="lora_r"):
+        check_resumed_config(str(tmp_path), {"lr": 0.1, "lora_r": 4, "model": "m"}, defaults)
+    with pytest.raises(ValueError, match="lora_r"):  # without defaults a missing key is a difference
+        check_resumed_config(str(tmp_path), {"lr": 0.1, "lora_r": 0, "model": "m"})

@@ -48,3 +48,29 @@ def tree(folder) -> dict:
             with open(os.path.join(root, name), "rb") as f:
                 out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
     return out
+
+
+def train_argv(model, out, **changes) -> list[str]:
+    """`drpt train` argv of a small float64 SGD run on the task suite (3 steps, simplex); `changes` override."""
+    flags = dict(model=str(model), out=str(out), steps=3, n_general=6, m_target=2, target_size=12, pool_size=100,
+                 eval_every=100, eval_n=8, checkpoint_every=100, dtype="float64", progress=False, optimizer="sgd",
+                 lr=0.5, method="simplex")
+    flags.update(changes)
+    argv = ["train"]
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def write_tiny_llama(path, seed: int = 0, tied: bool = False) -> str:
+    """A 2-layer Llama (hidden 32, grouped-query attention) with random weights and the suite's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = save_tokenizer(str(path))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
+    return str(path)

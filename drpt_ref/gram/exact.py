@@ -6,7 +6,8 @@ each layer, flattened (weight then bias). The per-layer joint Gram is J_l = F_l 
 theory/gram.md). A Python loop over units, not torch.func.vmap: units have several rows (DPO 2,
 GRPO G) and GPT-2's attention-mask construction in transformers is not written for vmap; a loop of
 plain autograd is the most obviously correct reference, and it costs U forward/backward passes.
-Running each unit alone also checks that nothing leaks between rows (padding, attention).
+Running each unit alone also checks that nothing leaks between rows (padding, attention). The per-unit gradients stay
+in the parameters' dtype; J is accumulated in float32 or wider (eq. (1) in theory/precision.md).
 
 Shapes:
     per-unit gradients: param name -> (U, *param.shape);  flat per layer F_l (U, p_l)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from drpt_ref.gram.layers import covered_layers
+from drpt_ref.gram.precision import no_autocast, widen
 from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
 
 
@@ -51,6 +53,7 @@ def layer_gradients(model, unit_loss, batch: RowBatch) -> list[torch.Tensor]:
 
 def exact_joint_gram(model, unit_loss, general: RowBatch, target: RowBatch):
     """J_l = F_l F_l^T over the units of [general; target], eq. (1) in theory/gram.md. -> J (L, U, U), info"""
-    flat = layer_gradients(model, unit_loss, concat_batches(general, target))  # L x (U, p_l)
-    J = torch.stack([F @ F.T for F in flat])  # (L, U, U)
+    flat = layer_gradients(model, unit_loss, concat_batches(general, target))  # L x (U, p_l), the parameters' dtype
+    with no_autocast(flat[0]):
+        J = torch.stack([F @ F.T for F in (widen(F)[0] for F in flat)])  # (L, U, U), eq. (1) in theory/precision.md
     return J, {"modes": ["exact"] * len(flat)}

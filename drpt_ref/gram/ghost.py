@@ -12,6 +12,10 @@ eq. (3), and per layer either
 
 both exact; "auto" picks the form with fewer FLOPs for the U units of the batch (eq. (5), T_u = tokens per unit).
 
+Precision (theory/precision.md): a and e are kept in the dtype the layer ran in (under autocast, a is cast as the layer
+casts it); every inner product is taken after widening one layer to float32 (float64 for a float64 model), eq. (1).
+Gradient checkpointing: a layer recomputed inside the backward is not recorded again (gram/checkpointing.py).
+
 Shapes:
     a (R, T, d_in), e (R, T, d_out) -> per unit A (U, T_u, d_in), E (U, T_u, d_out), T_u = rows_per_unit * T
     joint Gram J (L, U, U), U = n + m
@@ -24,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from drpt_ref.gram.checkpointing import checkpointing_active
 from drpt_ref.gram.layers import CoveredLayer, covered_layers
+from drpt_ref.gram.precision import autocast_dtype, check_finite_capture, no_autocast, widen
 from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
 
 PAIR_CHUNK_ELEMENTS = 2**24  # largest (units x U x T_u x T_u) block the pair form holds at once
@@ -41,6 +47,7 @@ class Capture:
     n: int  # general units (the first n units)
     m: int  # target units (the last m units)
     losses: torch.Tensor  # (n + m,) the unit losses, detached
+    recomputed: int = 0  # layer calls skipped as gradient-checkpointing recomputations inside the backward
 
     def per_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Group a layer's token tensor by unit. (R, T, d) -> (U, rows_per_unit * T, d)"""
@@ -49,15 +56,32 @@ class Capture:
 
 @contextmanager
 def _linear_hooks(layers: list[CoveredLayer]):
-    """Register input/output-gradient hooks on the layers; always removed on exit. Yields (a, e) dicts."""
+    """Register input/output-gradient hooks on the layers; always removed on exit. Yields (a, e, state) dicts.
+
+    Set state["backward"] = True before the backward: a layer that runs after that is a checkpointing recomputation
+    (gram/checkpointing.py) and is counted in state["recomputed"], not recorded.
+    """
     a, e, handles = {}, {}, []
+    state = {"backward": False, "recomputed": 0}
 
     def make_hook(name):
         def forward_hook(module, inputs, output):
+            if state["backward"]:  # the forward of a checkpointed block, rerun by the backward: seen already
+                state["recomputed"] += 1
+                return
             if name in a:
-                raise ValueError(f"layer {name} ran twice in one forward; a layer used twice (shared weights) "
-                                 "cannot be covered")
-            a[name] = inputs[0].detach()  # (R, T, d_in)
+                raise ValueError(f"layer {name} ran twice in one forward: its weight is used twice (shared weights), "
+                                 "so its gradient is a sum over both uses, which the per-layer engines cannot split; "
+                                 "freeze it (requires_grad_(False)) to leave it out of the Gram")
+            if not output.requires_grad:
+                raise ValueError(f"layer {name} ran without autograd in the capture's forward: under torch.no_grad(), "
+                                 "or inside a block checkpointed with use_reentrant=True (whose first forward builds "
+                                 "no graph, so no output gradient could be captured there); checkpoint with "
+                                 "use_reentrant=False (gram.checkpointing.enable_checkpointing, "
+                                 "--gradient-checkpointing)")
+            x = inputs[0].detach()  # (R, T, d_in)
+            cast = autocast_dtype(x)
+            a[name] = x if cast is None else x.to(cast)  # under autocast: the input the layer multiplied
             e[name] = torch.zeros_like(output.detach())  # (R, T, d_out); stays 0 if no loss depends on it
 
             def grad_hook(grad):
@@ -70,7 +94,7 @@ def _linear_hooks(layers: list[CoveredLayer]):
     try:
         for layer in layers:
             handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
-        yield a, e
+        yield a, e, state
     finally:
         for h in handles:
             h.remove()
@@ -79,16 +103,23 @@ def _linear_hooks(layers: list[CoveredLayer]):
 def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
     """One forward and one backward of sum_u loss_u over [general; target] with hooks. -> Capture
 
-    The backward is torch.autograd.grad on the covered weights, so the parameters' .grad is untouched.
+    The backward is torch.autograd.grad on the covered weights, so the parameters' .grad is untouched. a and e stay
+    in the dtype the layers ran in (bf16 / fp16 models, autocast); a half-precision capture that overflowed is
+    refused (ValueError). Gradient checkpointing enabled on the model is active during the capture
+    (gram/checkpointing.py); a reentrant one is refused (ValueError).
     """
     layers = covered_layers(model)
     batch = concat_batches(general, target)
-    with _linear_hooks(layers) as (a, e):
+    with _linear_hooks(layers) as (a, e, state), checkpointing_active(model):
         losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
+        state["backward"] = True  # from here on a layer's forward is a checkpointing recomputation
         # Summed, not averaged: e of unit u is d loss_u / d Y_u (eq. (6) in theory/gram.md).
         torch.autograd.grad(losses.sum(), [layer.module.weight for layer in layers], allow_unused=True)
+    for ly in layers:
+        check_finite_capture(ly.name, a[ly.name], "input")
+        check_finite_capture(ly.name, e[ly.name], "output gradient")
     return Capture(layers, [a[ly.name] for ly in layers], [e[ly.name] for ly in layers], batch,
-                   general.num_units, target.num_units, losses.detach())
+                   general.num_units, target.num_units, losses.detach(), state["recomputed"])
 
 
 def use_pair_form(tokens_per_unit: int, d_in: int, d_out: int, units: int) -> bool:
@@ -101,25 +132,33 @@ def use_pair_form(tokens_per_unit: int, d_in: int, d_out: int, units: int) -> bo
 def pair_gram(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
     """Token-pair form, eq. (4): J_uv = 1^T [(A_u A_v^T) * (E_u E_v^T)] 1 (+ bias).
 
-    A (U, T_u, d_in), E (U, T_u, d_out) -> (U, U)
+    A (U, T_u, d_in), E (U, T_u, d_out) in any float dtype -> (U, U) in the accumulation dtype (eq. (1) in
+    theory/precision.md)
     """
+    A, E = widen(A, E)
     U, Tu, _ = A.shape
     J = A.new_zeros(U, U)
     step = max(1, PAIR_CHUNK_ELEMENTS // max(1, U * Tu * Tu))  # units per chunk
-    for i in range(0, U, step):
-        aa = torch.einsum("utd,vsd->uvts", A[i:i + step], A)  # (chunk, U, T_u, T_u)
-        ee = torch.einsum("utd,vsd->uvts", E[i:i + step], E)  # (chunk, U, T_u, T_u)
-        J[i:i + step] = (aa * ee).sum((-2, -1))
-    if bias:
-        Es = E.sum(1)  # (U, d_out): the per-unit bias gradients
-        J = J + Es @ Es.T
+    with no_autocast(A):
+        for i in range(0, U, step):
+            aa = torch.einsum("utd,vsd->uvts", A[i:i + step], A)  # (chunk, U, T_u, T_u)
+            ee = torch.einsum("utd,vsd->uvts", E[i:i + step], E)  # (chunk, U, T_u, T_u)
+            J[i:i + step] = (aa * ee).sum((-2, -1))
+        if bias:
+            Es = E.sum(1)  # (U, d_out): the per-unit bias gradients
+            J = J + Es @ Es.T
     return J
 
 
 def materialized_flat(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Per-unit layer gradients g_u = sum_t a_t e_t^T (d_in x d_out, + bias), eq. (3). -> F (U, p_l)"""
+    """Per-unit layer gradients g_u = sum_t a_t e_t^T (d_in x d_out, + bias), eq. (3). -> F (U, p_l)
+
+    In the accumulation dtype of A and E (float32 for half-precision captures, eq. (1) in theory/precision.md).
+    """
+    A, E = widen(A, E)
     U = A.shape[0]
-    W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in, d_out)
+    with no_autocast(A):
+        W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in, d_out)
     parts = [W.reshape(U, -1)] + ([E.sum(1)] if bias else [])
     return torch.cat(parts, dim=1)  # (U, p_l)
 
@@ -131,7 +170,8 @@ def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
     if mode == "pair":
         return pair_gram(A, E, bias), mode
     F = materialized_flat(A, E, bias)
-    return F @ F.T, mode
+    with no_autocast(F):
+        return F @ F.T, mode
 
 
 def ghost_joint_gram(cap: Capture, mode: str = "auto"):

@@ -7,6 +7,7 @@ sketched layer gradient of unit u is sum_t (Q^T e_t)(P^T a_t)^T = Q^T g_u P, i.e
 Q^T sum_t e_t. Since P and Q are independent with E[P P^T] = I, E[Q Q^T] = I, every sketched inner
 product is unbiased, and its variance falls like 1/k (eqs. (7)-(9) in theory/gram.md): the relative
 error of K, b, c shrinks like 1/sqrt(sketch_dim). The same P, Q serve all units (general and target).
+Half-precision captures are widened to float32 and projected by a float32 P, Q (theory/precision.md).
 
 Shapes:
     a (R, T, d_in) @ P (d_in, k) -> (R, T, k);  e (R, T, d_out) @ Q (d_out, k) -> (R, T, k)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from drpt_ref.gram.ghost import Capture, layer_joint_gram
+from drpt_ref.gram.precision import no_autocast, widen
 
 
 def sketch_matrices(d_in: int, d_out: int, dim: int, gen: torch.Generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,9 +36,11 @@ def sketch_joint_gram(cap: Capture, dim: int, seed: int, mode: str = "auto"):
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same sketch on every device
     blocks, modes = [], []
     for layer, a, e in zip(cap.layers, cap.a, cap.e):
+        a, e = widen(a, e)  # half-precision captures: projected in float32 (eq. (1) in theory/precision.md)
         P, Q = sketch_matrices(layer.d_in, layer.d_out, dim, gen, a.dtype)
-        a_s = a @ P.to(a.device)  # (R, T, k)
-        e_s = e @ Q.to(e.device)  # (R, T, k)
+        with no_autocast(a):
+            a_s = a @ P.to(a.device)  # (R, T, k)
+            e_s = e @ Q.to(e.device)  # (R, T, k)
         J, used = layer_joint_gram(cap.per_unit(a_s), cap.per_unit(e_s), layer.has_bias, mode)
         blocks.append(J)
         modes.append(used)

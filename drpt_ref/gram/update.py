@@ -12,6 +12,8 @@
 
 Both return name -> tensor of the parameter's shape (nn.Linear weight (d_out, d_in), Conv1D
 weight (d_in, d_out), bias (d_out,)); neither touches .grad. To descend, subtract lr * d.
+`assemble_update` computes in the accumulation dtype of the capture (float32 for half-precision a, e: eq. (1) in
+theory/precision.md) and returns that dtype; the caller casts d to each parameter's dtype when it applies it.
 
 Shapes:
     alpha () or (L,), weights (n,) or (L, n);  a (R, T, d_in), e (R, T, d_out), row coefficient (R,)
@@ -23,6 +25,7 @@ import torch
 
 from drpt_ref.gram.ghost import Capture
 from drpt_ref.gram.layers import covered_layers
+from drpt_ref.gram.precision import accumulation_dtype, no_autocast
 from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
 
 
@@ -42,13 +45,16 @@ def _per_layer_coefficients(alpha, weights, L: int, n: int, like: torch.Tensor):
 def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
     """d_l = alpha_l g_T + G_l w_l for every covered layer from the captured a and e, eq. (10)."""
     L, n, m = len(cap.layers), cap.n, cap.m
-    alpha, weights = _per_layer_coefficients(alpha, weights, L, n, cap.a[0])
+    acc = accumulation_dtype(*cap.a, *cap.e)  # float32 for half-precision captures, eq. (1) in theory/precision.md
+    alpha, weights = _per_layer_coefficients(alpha, weights, L, n, cap.a[0].new_empty((), dtype=acc))
     unit = cap.batch.unit  # (R,)
     update = {}
     for l, (layer, a, e) in enumerate(zip(cap.layers, cap.a, cap.e)):
+        a, e = a.to(acc), e.to(acc)  # one layer widened at a time
         coef = torch.cat([weights[l], (alpha[l] / m).expand(m)])  # (n + m,) weight of each unit, eq. (10)
         e_weighted = e * coef[unit][:, None, None]  # (R, T, d_out)
-        W = torch.einsum("rti,rto->io", a, e_weighted)  # (d_in, d_out): sum_u coef_u sum_t a_t e_t^T
+        with no_autocast(a):
+            W = torch.einsum("rti,rto->io", a, e_weighted)  # (d_in, d_out): sum_u coef_u sum_t a_t e_t^T
         update[f"{layer.name}.weight"] = W if layer.conv1d else W.T
         if layer.has_bias:
             update[f"{layer.name}.bias"] = e_weighted.sum((0, 1))  # (d_out,)
@@ -72,6 +78,7 @@ def weighted_backward_update(model, unit_loss, general: RowBatch, target: RowBat
     names = param_names or [p for layer in covered_layers(model) for p in layer.param_names]
     batch = concat_batches(general, target)
     losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
+    losses = losses.to(accumulation_dtype(losses))  # the weights in float32 or wider, not rounded to a half dtype
     objective = alpha * losses[n:].mean() + (weights.to(losses) * losses[:n]).sum()  # eq. (11)
     grads = torch.autograd.grad(objective, [named[p] for p in names], allow_unused=True)
     return {p: g if g is not None else torch.zeros_like(named[p]) for p, g in zip(names, grads)}

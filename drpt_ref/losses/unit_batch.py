@@ -98,8 +98,13 @@ def concat_batches(first: RowBatch, second: RowBatch) -> RowBatch:
 
 
 def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t). logits (R, T, V), input_ids (R, T) -> (R, T - 1)"""
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (R, T - 1, V)
+    """log p(token t+1 | tokens <= t). logits (R, T, V), input_ids (R, T) -> (R, T - 1), float32 for half logits.
+
+    Half-precision logits are widened first (as transformers' own causal-LM loss does): in bf16 the gradient
+    softmax - onehot of a confident prediction cancels to 0 or 2^-8 (theory/precision.md, section 4)."""
+    x = logits[:, :-1]
+    x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    logp = torch.log_softmax(x, dim=-1)  # (R, T - 1, V)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (R, T - 1)
 
 

@@ -18,7 +18,7 @@ this optimizer creates must be there). Nothing is restored until everything is c
 
 Checkpoints are safetensors and JSON only (no pickle); model folders are loaded by training/model_folder.py.
 Files are created exclusively and deleted without following symlinks (training/run_files.py).
-`save_final` publishes a run's final/ model by renames, like a checkpoint.
+`save_final` publishes a run's final/ model by renames, like a checkpoint (a LoRA run's: its peft adapter).
 
 Shapes: no new tensors; parameters and optimizer buffers keep their own shapes.
 """
@@ -36,6 +36,7 @@ from safetensors.torch import save as save_tensors
 
 from drpt_ref.training import run_files
 from drpt_ref.training.checkpoint_checks import check_tensors
+from drpt_ref.training.model_folder import is_peft_model
 from drpt_ref.training.run_files import remove_path
 
 TENSORS = "tensors.safetensors"
@@ -268,12 +269,19 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
 # ---- the final model ------------------------------------------------------------------------------------------
 
 def save_final(run_dir: str, model, tok) -> str:
-    """Publish the run's final model (safetensors, config, tokenizer) as final/, written beside it first."""
+    """Publish the run's final model (safetensors, config, tokenizer) as final/, written beside it first.
+
+    A peft model (a LoRA run) is saved as its adapter: adapter_model.safetensors and adapter_config.json, whose
+    base_model_name_or_path is the absolute path of the base model folder, beside the tokenizer; `drpt eval
+    --model RUN/final` and `drpt train --model RUN/final` load it on that base (training/model_folder.py)."""
     dest, tmp, old = (os.path.join(run_dir, FINAL + s) for s in ("", ".tmp", ".old"))
     for path in (tmp, old):
         if os.path.lexists(path):
             remove_path(path)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if is_peft_model(model):  # the adapter only; the base embeddings are never saved (drpt never resizes them)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if os.path.lexists(dest):
         _rename(dest, old)

@@ -16,11 +16,16 @@ method logs the same quantities on the same scale.
 The covered parameters are the weights and biases of the linear layers (attention and MLP). The
 other parameters (tied token embedding / output head, position embeddings, layer norms) are
 frozen in every method, baselines included, so that all methods train the same parameters and
-the Dr update is exactly the projection (theory/dr_step.md).
+the Dr update is exactly the projection (theory/dr_step.md); or, with `uncovered=names` (--train-uncovered),
+moved by the gradient of the same reweighted loss, one more backward (`uncovered_update`, theory/lora.md).
 
 Knobs are relative to each problem, so that one setting means the same thing at every step and in
 every layer (theory/dr_step.md, eq. (2)): tau = tau_rel * spread(b), ridge = ridge_rel * tr(K) / n,
 radius = radius_rel * ||g_T - mean||; k is a count of units; lam is absolute.
+
+Precision (theory/precision.md): the capture runs in the model's dtype (or under autocast); K, b, c come out in
+float32 (float64 for a float64 model), the projection is solved in that dtype, and the update d, assembled in it, is
+cast to each parameter's dtype when it is written to .grad.
 
 Shapes: K (B, n, n), b (B, n), c (B,) with B = 1 (global) or L (per layer); alpha (B,), w (B, n).
 """
@@ -28,6 +33,7 @@ Shapes: K (B, n, n), b (B, n), c (B,) with B = 1 (global) or L (per layer); alph
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -39,7 +45,9 @@ from drpt_ref.core.project import project
 from drpt_ref.gram.compute import compute_gram, gram_from_capture
 from drpt_ref.gram.ghost import capture
 from drpt_ref.gram.layers import covered_layers
-from drpt_ref.gram.update import assemble_update
+from drpt_ref.gram.precision import AUTOCAST, DTYPES, accumulation_dtype, autocast_context, no_autocast
+from drpt_ref.gram.update import assemble_update, weighted_backward_update
+from drpt_ref.training.model_folder import is_peft_model
 from drpt_ref.training.rep_features import last_hidden_states
 
 SOLVERS = ("batched", "exact", "cvxpy")
@@ -80,9 +88,12 @@ def method_params(method: str, knobs: Knobs, K, b, c) -> dict:
 
 
 def solve(K, b, c, method: str, params: dict, solver: str):
-    """alpha (B,), w (B, n), objective (B,), converged (B,) for B problems, by the chosen solver."""
+    """alpha (B,), w (B, n), objective (B,), converged (B,) for B problems, by the chosen solver.
+
+    Solved in K's dtype (float32 or float64), autocast off even inside a caller's autocast (theory/precision.md)."""
     if solver == "batched":
-        d = project_batched(K, b, c, method, **params)
+        with no_autocast(K):
+            d = project_batched(K, b, c, method, **params)
         return d.alpha, d.weights, d.objective, d.info["converged"]
     out = []
     for i in range(K.shape[0]):  # the exact and cvxpy solvers take one problem at a time
@@ -142,12 +153,59 @@ def check_step_args(method: str, solver: str, gram: str, rule=None) -> None:
         raise ValueError(f"gram={gram!r} is unknown; use one of {GRAMS}.")
 
 
-def freeze_uncovered(model) -> list[torch.nn.Parameter]:
-    """requires_grad = False outside the covered linear layers; returns the covered parameters."""
+def check_precision(dtype: str, autocast: str, device: str, optimizer: str = "adamw") -> None:
+    """Refuse a dtype / autocast / device / optimizer combination drpt does not train in, naming the flag
+    (theory/precision.md, section 5)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is unknown; use one of {tuple(DTYPES)}.")
+    if autocast not in AUTOCAST:
+        raise ValueError(f"--autocast {autocast!r} is unknown; use one of {AUTOCAST} ('' = none).")
+    if autocast and dtype != "float32":
+        raise ValueError(f"--autocast {autocast} runs the forward in half precision over float32 master weights; "
+                         f"use it with --dtype float32 (got --dtype {dtype}), or drop --autocast for a {dtype} model.")
+    half = dtype if dtype in ("bfloat16", "float16") else autocast
+    if half == "float16" and not device.startswith("cuda"):
+        flag = "--dtype" if dtype == "float16" else "--autocast"
+        raise ValueError(f"{flag} float16 on --device {device}: float16 is a GPU format (CPU kernels are slow or "
+                         "missing); use bfloat16 (the same memory, float32's range) or --device cuda.")
+    if half == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        flag = "--dtype" if dtype == "bfloat16" else "--autocast"
+        raise ValueError(f"{flag} bfloat16: this GPU has no bfloat16 support; use float16 there.")
+    if dtype == "float16" and optimizer == "adamw":
+        raise ValueError("--dtype float16 with --optimizer adamw: AdamW's eps (1e-8) is below float16's smallest "
+                         "number, so a zero gradient entry gives 0/0; use --autocast float16 with --dtype float32 "
+                         "(float32 master weights), --dtype bfloat16, or --optimizer sgd.")
+
+
+def freeze_uncovered(model, train_uncovered: bool = False) -> list[torch.nn.Parameter]:
+    """requires_grad = False outside the covered linear layers; returns the covered parameters.
+
+    train_uncovered: the parameters outside the Gram that require gradients now stay trainable (a plain model:
+    embeddings, norms, a tied head, MoE experts, routers; under LoRA: what peft left trainable, e.g. bias='all');
+    training/coverage.py's `uncovered_trainable` names them and `dr_step(..., uncovered=names)` moves them by
+    `uncovered_update`. ValueError when the model has no covered layer. A RuntimeWarning names what a peft model
+    had left trainable (bias='all', modules_to_save) when it is frozen here."""
     covered = {id(p) for layer in covered_layers(model) for p in layer.params}
+    dropped = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if dropped and not train_uncovered and is_peft_model(model):
+        warnings.warn(f"{len(dropped)} tensors that peft left trainable ({', '.join(dropped[:2])}, ...: its bias "
+                      "setting or modules_to_save) are outside the Gram and frozen; --train-uncovered trains them by "
+                      "the gradient of the reweighted loss (theory/lora.md, section 3).", RuntimeWarning, stacklevel=2)
     for p in model.parameters():
-        p.requires_grad_(id(p) in covered)
+        p.requires_grad_(id(p) in covered or (train_uncovered and p.requires_grad))
     return [p for layer in covered_layers(model) for p in layer.params]
+
+
+def uncovered_update(model, unit_loss, general, target, alpha, w, names, autocast: str = "") -> dict:
+    """d_U = alpha g_T,U + G_U w on the named parameters outside the Gram: the gradient of the reweighted loss
+    alpha L_T + sum_i w_i l_i (eq. (3) in theory/lora.md) with the step's (alpha, w), by one more forward and
+    backward (gram/update.py, eq. (11) in theory/gram.md). alpha (1,), w (1, n) -> name -> tensor of the
+    parameter's shape. ValueError for per-layer coefficients ((L,), (L, n)): the uncovered parameters have no layer."""
+    if alpha.shape[0] != 1:
+        raise ValueError("--train-uncovered needs one (alpha, w) for the whole model; --per-layer gives each layer "
+                         "its own: drop one of the two flags.")
+    with autocast_context(autocast, next(model.parameters()).device.type):
+        return weighted_backward_update(model, unit_loss, general, target, alpha[0], w[0], param_names=list(names))
 
 
 def apply_rule(rule, ctx: StepContext):
@@ -162,26 +220,32 @@ def apply_rule(rule, ctx: StepContext):
 
 def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Knobs, *, per_layer: bool = False,
             solver: str = "batched", gram: str = "ghost", sketch_dim: int = 64, seed: int = 0, rule=None,
-            step: int = 0) -> dict:
+            step: int = 0, autocast: str = "", uncovered=()) -> dict:
     """Take one step; return the step's record (losses, objectives, alpha, weights, converged, method_info).
 
     rule: None (project by `method`) or a weight rule, rule(StepContext) -> (alpha, w, info); `method`
     is then only its name. A rule's (alpha, w) may be global ((1,), (1, n)) or per problem ((B,), (B, n)).
+    autocast: '' (the model's dtype) or 'bfloat16' / 'float16': the capture under torch.autocast (theory/precision.md).
+    uncovered: names of parameters outside the Gram moved by the same (alpha, w): `uncovered_update`.
     """
     check_step_args(method, solver, gram, rule)
     clock = [time.perf_counter()]
     hidden = last_hidden_states(model) if getattr(rule, "needs_hidden", False) else nullcontext({})
-    with hidden as h:
+    mixed = autocast_context(autocast, next(model.parameters()).device.type)
+    with hidden as h, mixed:
         cap = capture(model, unit_loss, general, target)  # step 1 (and the last hidden states, if asked for)
     clock.append(time.perf_counter())
     if gram == "exact":  # the reference engine: per-unit gradients by autograd
-        G = compute_gram(model, unit_loss, general, target, "exact")
+        with autocast_context(autocast, next(model.parameters()).device.type):
+            G = compute_gram(model, unit_loss, general, target, "exact")
     else:
         G = gram_from_capture(cap, gram, sketch_dim=sketch_dim, seed=seed)  # step 2
     if per_layer:
         K, b, c = G.K, G.b, G.c  # (L, n, n), (L, n), (L,)
     else:
         K, b, c = (x.unsqueeze(0) for x in G.total())  # (1, n, n), (1, n), (1,)
+    acc = accumulation_dtype(K)  # the engines accumulate in float32 or wider; the QP is solved in that dtype
+    K, b, c = K.to(acc), b.to(acc), c.to(acc)
     clock.append(time.perf_counter())
     if rule is None:  # step 3: a projection ...
         alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
@@ -192,9 +256,11 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
     clock.append(time.perf_counter())
     coef_alpha, coef_w = (alpha, w) if per_layer else (alpha[0], w[0])
     update = assemble_update(cap, coef_alpha, coef_w)  # step 4: name -> d
+    if uncovered:  # --train-uncovered: the same (alpha, w) outside the Gram, eq. (3) in theory/lora.md
+        update.update(uncovered_update(model, unit_loss, general, target, alpha, w, uncovered, autocast))
     named = dict(model.named_parameters())
     optimizer.zero_grad(set_to_none=True)
-    for name, d in update.items():  # step 5
+    for name, d in update.items():  # step 5: d (float32 or wider) cast back to the parameter's dtype
         named[name].grad = d.to(named[name].dtype)
     optimizer.step()
     clock.append(time.perf_counter())

@@ -8,12 +8,19 @@ prompts (with replacement) are drawn, so (task, n, seed) fixes the set exactly.
     answer_loss(model, tok, prompts, answers)     mean NLL per answer token (eos included)
     evaluate_task(model, tok, task, n, seed)      -> {"task", "group", "n", "accuracy", "partial", "loss"}
     evaluate_tasks(...), format_table(rows)       several tasks, and the printed table
+    evaluate_units(model, tok, units, max_new)    held-out units of a data file (data/files.py IdsPrompt):
+                                                  exact match and loss of the reference, and the reward
 
     drpt eval --model small_models/gpt2-tiny --task all
 
 Accuracy is the task's own verifier on the completion (text before the first <eos>); "partial"
 is the mean partial-credit reward; "loss" is teacher-forced on the task's correct answers (for
 add3_noisy, the true sums, not its corrupted labels).
+
+For a data file the accuracy is the exact match of greedy decoding with the row's reference completion (and
+<eos>), computed by teacher forcing in the same forward pass as the loss: greedy decoding reproduces the
+reference exactly when every reference token is the argmax after its prefix (eq. (5) in theory/own_data.md).
+With a reward function (GRPO) the greedy completions are generated and scored.
 
 Shapes:
     input_ids, attention_mask, position_ids   (B, T) prompts, left-padded
@@ -30,7 +37,7 @@ import os
 import torch
 
 from drpt_ref.data.tasks import get_task, task_names
-from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft
+from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft, encode_sft_ids, prepare_tokenizer
 from drpt_ref.flags import check_device, check_out_path, check_positive_ints
 from drpt_ref.training.model_folder import load_model_folder
 from drpt_ref.training.run_files import read_json_or_none, write_json_atomic
@@ -38,13 +45,21 @@ from drpt_ref.training.run_files import read_json_or_none, write_json_atomic
 MAX_NEW_TOKENS = 8  # longest answer (6 characters) + <eos>, plus one to see a missing stop
 
 
-@torch.no_grad()
-def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
+def greedy_generate(model, tok, prompts: list, max_new_tokens: int = MAX_NEW_TOKENS,
                     batch_size: int = 256) -> list[str]:
-    """Greedy completion of each prompt, cut at the first <eos> (kept whole if none comes)."""
+    """Greedy completion of each prompt (text or token ids), cut at the first <eos> (kept whole if none comes),
+    decoded without special tokens."""
+    return [tok.decode(row, skip_special_tokens=True)
+            for row in greedy_ids(model, tok, prompts, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def greedy_ids(model, tok, prompts: list, max_new_tokens: int = MAX_NEW_TOKENS,
+               batch_size: int = 256) -> list[list[int]]:
+    """The greedy completion's ids of each prompt (text or token ids), before the first <eos>."""
     device = next(model.parameters()).device
     eos = tok.eos_token_id
-    out: list[str] = []
+    out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(device) for k, v in encode_prompts(tok, prompts[start:start + batch_size]).items()}
         ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
@@ -63,9 +78,7 @@ def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = MAX_NE
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B, T + s)
             pos = pos[:, -1:] + 1  # (B, 1)
         generated = torch.stack(steps, dim=1).tolist()  # (B, S)
-        for row in generated:
-            row = row[:row.index(eos)] if eos in row else row
-            out.append(tok.decode(row, skip_special_tokens=True))
+        out.extend(row[:row.index(eos)] if eos in row else row for row in generated)
     return out
 
 
@@ -104,6 +117,41 @@ def evaluate_task(model, tok, task: str, n: int = 1000, seed: int = 0, split: st
             "accuracy": sum(exact) / max(n, 1), "partial": sum(partial) / max(n, 1), "loss": loss}
 
 
+@torch.no_grad()
+def reference_match(model, tok, units: list, batch_size: int = 64) -> tuple[float, float]:
+    """(exact match, loss) of the units' reference completions: the fraction of units whose every reference
+    token and final <eos> is the model's argmax after its prefix (greedy decoding reproduces it, eq. (5) in
+    theory/own_data.md), and the mean NLL per reference token (<eos> included), in nats."""
+    device = next(model.parameters()).device
+    hits, total, count = 0, 0.0, 0
+    for start in range(0, len(units), batch_size):
+        chunk = units[start:start + batch_size]
+        batch = encode_sft_ids(tok, [u.prompt for u in chunk], [u.reference for u in chunk])
+        labels = batch["labels"].to(device)  # (B, T)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+        total += float(answer_nll(logits, labels, reduction="sum"))
+        count += int((labels != IGNORE).sum())
+        scored = labels[:, 1:] != IGNORE  # (B, T - 1): position t predicts token t + 1
+        right = logits[:, :-1].argmax(-1) == labels[:, 1:]  # (B, T - 1)
+        hits += int((right | ~scored).all(dim=1).sum())
+    return hits / len(units), total / count
+
+
+def evaluate_units(model, tok, units: list, max_new_tokens: int, batch_size: int = 64) -> dict:
+    """Held-out units of a data file (IdsPrompt): {"accuracy", "loss"} over the units with a reference
+    completion (reference_match), and {"reward"}, the mean reward of greedy completions of at most
+    max_new_tokens tokens, when the units carry a reward function (GRPO)."""
+    out = {}
+    with_reference = [u for u in units if u.reference]
+    if with_reference:
+        out["accuracy"], out["loss"] = reference_match(model, tok, with_reference, batch_size)
+    if units and units[0].reward_fn is not None:
+        texts = greedy_generate(model, tok, [u.prompt for u in units], max_new_tokens, batch_size)
+        out["reward"] = sum(u.reward(t) for u, t in zip(units, texts)) / len(units)
+    return out
+
+
 def evaluate_tasks(model, tok, tasks: str | list[str] = "all", n: int = 1000, seed: int = 0,
                    split: str = "eval", batch_size: int = 256) -> list[dict]:
     names = task_names(tasks) if isinstance(tasks, str) else list(tasks)
@@ -126,9 +174,9 @@ def format_table(rows: list[dict]) -> str:
 
 def load(path: str, device: str = "cpu", flag: str = "--model"):
     """A saved model folder (safetensors + config + tokenizer), from the local disk only, no pickle, no remote
-    code (training/model_folder.py)."""
+    code (training/model_folder.py); a tokenizer without a pad token pads with eos (data/tokenizer.py)."""
     model, tok = load_model_folder(path, flag)
-    return model.to(device).eval(), tok
+    return model.to(device).eval(), prepare_tokenizer(tok)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -112,9 +112,11 @@ def claim_folder(out: str, kind: str, overwrite: bool = False) -> list[str]:
     return removed
 
 
-def check_resumed_config(run_dir: str, config: dict) -> str:
+def check_resumed_config(run_dir: str, config: dict, defaults: dict | None = None) -> str:
     """Refuse to resume with a config that differs from the stored one (RESUME_FREE aside; the model is
-    compared by its resolved path); return the run's id (RUN_ID of config.json, which its checkpoints carry)."""
+    compared by its resolved path); return the run's id (RUN_ID of config.json, which its checkpoints carry).
+    A setting the stored config lacks (a field added to drpt after the run was made) counts as its value in
+    `defaults`: a new field at its default keeps the old behaviour, so the run resumes."""
     path = os.path.join(run_dir, CONFIG)
     try:
         with open(path) as f:
@@ -124,6 +126,7 @@ def check_resumed_config(run_dir: str, config: dict) -> str:
     if not isinstance(stored, dict):
         raise ValueError(f"--resume: {path} is not a config object; start a new run with --overwrite.")
     same = lambda k, a, b: os.path.realpath(a) == os.path.realpath(b) if k == "model" else a == b  # noqa: E731
+    stored = {**{k: v for k, v in (defaults or {}).items() if k not in stored}, **stored}
     diff = {k: (stored.get(k), v) for k, v in config.items()
             if k not in RESUME_FREE and not same(k, stored.get(k), v)}
     if diff:

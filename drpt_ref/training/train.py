@@ -4,13 +4,14 @@
     drpt train --paradigm grpo --method capped_simplex --k 4 --per-layer --out runs/grpo-capped
     drpt train --paradigm sft --method less --less-mode offline --out runs/sft-less   # a selection baseline
     drpt train --paradigm hpt --method hpt --hpt-gamma 0 --out runs/hpt                 # Hybrid Post-Training
+    drpt train --model M --target-data t.jsonl --general-data g.jsonl --eval-data e.jsonl   # your own data
     drpt train ... --resume            # continue an interrupted run: ends bitwise equal to an uninterrupted one
     drpt train ... --overwrite         # a new run into the folder of an old one (never done without the flag)
 
 The loop reads top to bottom: config, data, model, then for each step: draw the units (seeded by
 the step), build the unit batches of the paradigm, take the Dr step (training/dr_step.py), log, evaluate
 the held-out target task at intervals, checkpoint. The paradigms differ only in their unit loss
-and how a batch is built (training/train_data.py, training/hpt.py); the method only in how (alpha, w) is chosen: a
+and how a batch is built (training/step_batches.py); the method only in how (alpha, w) is chosen: a
 projection onto its feasible set (core/methods.py), or a weight rule looked up by name in the registry
 (training/rules.py: random, less, rds, adapt, adapt_softmax, hpt). A rule's state (LESS's offline subset,
 ADAPT's anchor centroid) is saved inside each checkpoint, so --resume stays exact.
@@ -19,9 +20,9 @@ Outputs in --out (training/run_state.py): drpt_run.json (the marker of a run fol
 metrics.jsonl (step, losses, objective, alpha, weights per general unit with its source task, group and corrupted flag,
 time per phase, held-out target accuracy and loss at intervals, method_info of a weight rule, batch_info:
 HPT's gate counts), checkpoint-NNNNNN/ (the last checkpoint, atomic, verified on --resume:
-training/checkpoint.py), final/ (the model and tokenizer, safetensors), drpt_run.lock while the run is
-written (a second process into the same --out is refused). Nothing is written before every
-flag, the --model folder (safetensors only) and, on --resume, the checkpoint are checked; --out may not
+training/checkpoint.py), final/ (the model and tokenizer, safetensors; a LoRA run: the peft adapter),
+drpt_run.lock while the run is written (a second process into the same --out is refused). Nothing is written
+before every flag, the --model folder (safetensors only) and, on --resume, the checkpoint are checked; --out may not
 overlap --model nor hold anything but a drpt run.
 
 Shapes: see training/train_data.py and training/dr_step.py.
@@ -39,16 +40,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from drpt_ref.data.tasks import TARGET
 from drpt_ref.flags import add_config_arguments, check_device, check_finite, check_positive_ints
+from drpt_ref.gram.checkpointing import enable_checkpointing
+from drpt_ref.gram.precision import AUTOCAST, DTYPES
 from drpt_ref.losses.dpo import DPOLoss
 from drpt_ref.losses.grpo import GRPOLoss
 from drpt_ref.losses.sft import SFTLoss
-from drpt_ref.losses.unit_batch import token_logprobs
 from drpt_ref.training import dr_step as dr
 from drpt_ref.training.checkpoint import STATE, find_checkpoint, load_checkpoint, save_checkpoint, save_final
-from drpt_ref.training.evaluate import evaluate_task
-from drpt_ref.training.hpt import HPTLoss, hpt_batch
+from drpt_ref.training.coverage import format_coverage, uncovered_trainable
+from drpt_ref.training.hpt import HPTLoss
+from drpt_ref.training.lora import add_lora, check_lora_settings
 from drpt_ref.training.model_folder import check_model_folder, load_model_folder
 from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
 from drpt_ref.training.run_files import acquire_lock, release_lock
@@ -61,12 +63,13 @@ from drpt_ref.training.run_state import (
     step_generator,
     write_config,
 )
-from drpt_ref.training.train_data import dpo_batch, draw, grpo_batch, load_sets, sft_batch
+from drpt_ref.training.step_batches import batch_info, build_batch, make_batches  # noqa: F401 (make_batches: API)
+from drpt_ref.training.train_data import check_data_flags, data_source
 
 PARADIGMS = ("sft", "dpo", "grpo", "hpt")
 LR_MAX = 10.0  # a larger step only diverges (and 1e300 would overflow on the first step)
 EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial",  # the held-out evaluation of a metrics record
-             "report_accuracy", "report_loss", "report_partial")
+             "report_accuracy", "report_loss", "report_partial", "eval_reward")  # eval_reward: GRPO on files
 HELD_OUT = ("eval", "select", "report")  # the held-out splits (data/task_base.py)
 
 
@@ -82,8 +85,8 @@ class TrainConfig:
     seed: int = 0  # data sets, per-step draws and GRPO sampling all follow from it
     n_general: int = 16  # general units per step (the columns of G)
     m_target: int = 4  # target units per step (their mean gradient is g_T)
-    target_size: int = 32  # the scarce target training set
-    pool_size: int = 2000  # the general pool
+    target_size: int = 32  # the scarce target training set (suite; a --target-data file is used whole)
+    pool_size: int = 2000  # the general pool (suite; a --general-data file is used whole)
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # learning rate of the covered parameters (0 < lr <= 10)
     warmup: int = 0  # steps of linear lr warmup: step s uses lr * min(1, s / warmup) (0 = constant lr throughout)
@@ -96,7 +99,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO temperature
     group_size: int = 4  # GRPO completions per prompt
     temperature: float = 1.0  # GRPO sampling temperature
-    reward: str = "exact"  # GRPO reward: exact (0/1) | partial (fraction of correct characters)
+    reward: str = "exact"  # GRPO reward on the suite: exact (0/1) | partial (fraction of correct characters)
     std_normalize: bool = False  # GRPO: divide advantages by the group std
     clip_eps: float = 0.0  # GRPO PPO clip (0 = none; the step is on-policy, so the ratio is 1 anyway)
     kl_coef: float = 0.0  # GRPO k3 KL to the initial model (0 = none)
@@ -106,13 +109,20 @@ class TrainConfig:
     eval_split: str = "eval"  # held-out prompts of the evaluation: eval | select | report (the halves of eval)
     report_split: str = ""  # a second held-out split evaluated at the same steps, logged as report_* ('' = none)
     checkpoint_every: int = 10  # steps between checkpoints (and at the last step)
-    dtype: str = "float32"  # float32 | float64 (float64 for solver-equivalence runs)
+    dtype: str = "float32"  # the weights: float32 | float64 (solver-equivalence runs) | bfloat16 | float16 (GPU only)
+    autocast: str = ""  # '' (none) | bfloat16 | float16: the capture under torch.autocast over float32 weights
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (non-reentrant)
     device: str = "cpu"  # cpu | cuda
     model: str = "small_models/gpt2-tiny"  # the starting checkpoint (a local folder; nothing is downloaded)
     out: str = "runs/default"  # run directory (new, empty, or a drpt run; never inside --model)
     resume: bool = False  # continue the run in --out from its last checkpoint (verified first)
     overwrite: bool = False  # replace the drpt run in --out (checkpoint, metrics, final/); without it, refused
-    progress: bool = True  # show a progress bar
+    progress: bool = True  # show a progress bar and, at the start, the table of what is trained (training/coverage.py)
+    # ---- LoRA and what is trained (training/lora.py, training/coverage.py, theory/lora.md) ---------------------------
+    lora_r: int = 0  # LoRA rank: train new peft adapters of this rank, the base frozen (0 = no LoRA; drpt_ref[lora])
+    lora_alpha: float = 0.0  # LoRA: adapter outputs scaled by lora_alpha / lora_r (0 = lora_r, scale 1)
+    lora_targets: str = ""  # LoRA: module names, comma-separated (q_proj,v_proj), all-linear, or '' (peft's default)
+    train_uncovered: bool = False  # also train what the Gram leaves out by the gradient of alpha L_T + sum_i w_i l_i
     # ---- weight rules (training/rules.py): selection baselines, ADAPT, HPT -------------------------------------------
     less_mode: str = "online"  # less: online (top-k of each batch) | offline (a subset of the pool chosen once)
     less_dim: int = 16  # less: projection dimension per side of the Kronecker sketch (dim^2 numbers per layer)
@@ -127,6 +137,13 @@ class TrainConfig:
     adapt_w_max: float = 10.0  # adapt: upper clip of a gate weight
     hpt_gamma: int = 0  # hpt: SFT on the demonstration when at most gamma of the group are correct, else RL
     hpt_sft_coef: float = 1.0  # hpt: the coefficient of the SFT term
+    # ---- your own data: local files in TRL's conventions (data/files.py, theory/own_data.md; drpt_ref[data]) ---------
+    target_data: str = ""  # target set file, .jsonl/.parquet/.csv in TRL's columns ('' = the built-in suite)
+    general_data: str = ""  # general pool file: the same columns, plus a source label per row
+    eval_data: str = ""  # held-out target file: greedy exact match, loss; GRPO: reward ('' = no evaluation)
+    source_column: str = "source"  # the general file's column of source labels (weights are logged by source)
+    reward_fn: str = ""  # grpo on files: package.module:function, called f(prompt, completion) -> float
+    max_length: int = 0  # files: tokens per row; prompt cut from the left, completion from the right (0 = model's)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -146,14 +163,14 @@ def check_settings(cfg: TrainConfig) -> None:
     dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=cfg.method not in dr.METHODS)
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
-    if cfg.dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype={cfg.dtype!r} must be 'float32' or 'float64'.")
+    dr.check_precision(cfg.dtype, cfg.autocast, cfg.device, cfg.optimizer)  # theory/precision.md
     positive_ints = ("steps", "n_general", "m_target", "target_size", "pool_size", "sketch_dim", "eval_every",
                      "eval_n", "checkpoint_every", "max_new_tokens")
     check_positive_ints(cfg, positive_ints)
-    if cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size:
+    if not cfg.target_data and (cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size):
         raise ValueError("--m-target must be <= --target-size and --n-general <= --pool-size (units are drawn "
                          "without replacement).")
+    check_data_flags(cfg)  # --target-data and the other file flags (training/train_data.py)
     if cfg.paradigm in ("grpo", "hpt") and cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
                          "advantage is 0 and nothing trains).")
@@ -177,6 +194,7 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ValueError("--weight-decay is AdamW's decoupled decay; --optimizer sgd would ignore it: leave it at 0.")
     check_device(cfg.device)
     check_model_folder(cfg.model, "--model")
+    check_lora_settings(cfg)  # --lora-*, --train-uncovered (training/lora.py)
 
 
 def unit_loss_of(cfg: TrainConfig):
@@ -188,39 +206,6 @@ def unit_loss_of(cfg: TrainConfig):
         return HPTLoss(cfg.group_size, sft_coef=cfg.hpt_sft_coef, clip_eps=cfg.clip_eps or None,
                        std_normalize=cfg.std_normalize)
     return GRPOLoss(cfg.group_size, clip_eps=cfg.clip_eps or None, kl_coef=cfg.kl_coef)
-
-
-def build_batch(cfg: TrainConfig, tok, model, ref_model, units: list, gen_sample: torch.Generator):
-    """The unit batch of the paradigm for the given units (GRPO/HPT sample their groups from gen_sample)."""
-    if cfg.paradigm == "sft":
-        return sft_batch(tok, units, cfg.device)
-    if cfg.paradigm == "dpo":
-        return dpo_batch(tok, units, ref_model, cfg.device)
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward, device=cfg.device)
-    if cfg.paradigm == "hpt":
-        return hpt_batch(tok, model, units, cfg.group_size, gen_sample, cfg.hpt_gamma, **kw)[0]
-    batch, _ = grpo_batch(tok, model, units, cfg.group_size, gen_sample, std_normalize=cfg.std_normalize, **kw)
-    if cfg.kl_coef:
-        with torch.no_grad():
-            batch.extras["ref_logprobs"] = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)
-    return batch
-
-
-def make_batches(cfg: TrainConfig, step: int, tok, model, ref_model, target_set, pool):
-    """(general batch, target batch, the general units drawn) of one step."""
-    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), step_generator(cfg.seed, step, 1)
-    general = draw(pool, cfg.n_general, gen_draw)
-    target = draw(target_set, cfg.m_target, gen_draw)
-    g_batch = build_batch(cfg, tok, model, ref_model, general, gen_sample)  # general first: the sampling order
-    return g_batch, build_batch(cfg, tok, model, ref_model, target, gen_sample), general
-
-
-def batch_info(general, target) -> dict:
-    """What the batches say beyond the losses: HPT's gate counts (units sent to SFT); {} for other paradigms."""
-    if "sft" not in general.extras:
-        return {}
-    count = lambda b: int(b.extras["sft"].reshape(b.num_units, -1)[:, 0].sum())  # noqa: E731
-    return {"sft_units_general": count(general), "sft_units_target": count(target)}
 
 
 def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, pool, resumed: dict | None):
@@ -242,9 +227,10 @@ def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, p
     try:
         rule.load_state_dict(resumed["rule_state"])
         centroid = getattr(rule, "centroid", None)  # ADAPT: one number per hidden dimension of the model
-        if torch.is_tensor(centroid) and tuple(centroid.shape) != (model.config.n_embd,):
+        hidden = model.get_input_embeddings().embedding_dim  # n_embd, hidden_size: each architecture's name
+        if torch.is_tensor(centroid) and tuple(centroid.shape) != (hidden,):
             raise ValueError(f"the ADAPT centroid has shape {tuple(centroid.shape)}, the model's hidden size is "
-                             f"{model.config.n_embd}")
+                             f"{hidden}")
         return rule, rule.restrict_pool(pool)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: the state of the weight rule {cfg.method!r} does not fit this run ({err}); "
@@ -269,14 +255,23 @@ def train(cfg: TrainConfig) -> str:
 
 def _train(cfg: TrainConfig) -> str:
     config = dataclasses.asdict(cfg)
-    run_id = check_resumed_config(cfg.out, config) if cfg.resume else new_run_id(config)
+    run_id = (check_resumed_config(cfg.out, config, defaults=dataclasses.asdict(TrainConfig())) if cfg.resume
+              else new_run_id(config))
     torch.manual_seed(cfg.seed)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = DTYPES[cfg.dtype]  # half precision: theory/precision.md
     # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------
-    model, tok = load_model_folder(cfg.model, "--model")
+    model, tok = load_model_folder(cfg.model, "--model", trainable=True)  # a LoRA adapter folder: trained on
     model = model.to(cfg.device, dtype).eval()
+    model = add_lora(model, cfg)  # --lora-r: new peft adapters, the base frozen (training/lora.py)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)  # active during each capture (gram/checkpointing.py)
     ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.paradigm in ("dpo", "grpo") else None
-    params = dr.freeze_uncovered(model)
+    outside = uncovered_trainable(model)  # trainable but outside the Gram: frozen, or --train-uncovered
+    params = dr.freeze_uncovered(model, train_uncovered=cfg.train_uncovered)
+    uncovered = outside if cfg.train_uncovered else []
+    params = params + [dict(model.named_parameters())[name] for name in uncovered]
+    if cfg.progress:
+        print(format_coverage(model, outside, cfg.train_uncovered), flush=True)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
     optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
@@ -285,8 +280,8 @@ def _train(cfg: TrainConfig) -> str:
         raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({start}); "
                          f"resume with --steps >= {start}.")
     # ---- data and the weight rule (its resumed state checked): before anything in --out changes ------------------
-    target_set, pool = load_sets("grpo" if cfg.paradigm == "hpt" else cfg.paradigm, cfg.target_size,
-                                 cfg.pool_size, cfg.seed)
+    data = data_source(cfg, tok, model)  # the suite, or --target-data files (training/train_data.py)
+    target_set, pool = data.sets()
     unit_loss = unit_loss_of(cfg)
     rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)
     # ---- the run folder: claimed only now, after every check ------------------------------------------------------
@@ -308,18 +303,14 @@ def _train(cfg: TrainConfig) -> str:
         t_data = time.perf_counter() - t0
         rec = dr.dr_step(model, optimizer, unit_loss, general, target, cfg.method, knobs, per_layer=cfg.per_layer,
                          solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step,
-                         rule=rule, step=step)
+                         rule=rule, step=step, autocast=cfg.autocast, uncovered=uncovered)
         rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units],
                    corrupted=[bool(getattr(u, "corrupted", False)) for u in units],  # a wrong shown answer
                    batch_info=batch_info(general, target))
         rec["seconds"]["data"] = t_data
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split=cfg.eval_split)
-            rec.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_partial=ev["partial"])
-            if cfg.report_split:
-                rep = evaluate_task(model, tok, TARGET, n=cfg.eval_n, seed=0, split=cfg.report_split)
-                rec.update(report_accuracy=rep["accuracy"], report_loss=rep["loss"], report_partial=rep["partial"])
-            bar.set_postfix(acc=f"{ev['accuracy']:.3f}", loss=f"{rec['loss_target']:.3f}")
+            rec.update(data.evaluate(model, tok))  # eval_* (and report_*) keys of the held-out target set
+            bar.set_postfix(acc=f"{rec.get('eval_accuracy', float('nan')):.3f}", loss=f"{rec['loss_target']:.3f}")
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise ValueError(f"step {step}: the parameters are no longer finite (the run diverged); lower --lr "
                              f"(now {cfg.lr:g}).")
@@ -338,7 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from drpt_ref.training.rules import ALL_METHODS
 
     choices = {"paradigm": PARADIGMS, "method": ALL_METHODS, "solver": dr.SOLVERS, "gram": dr.GRAMS,
-               "optimizer": ("adamw", "sgd"), "dtype": ("float32", "float64"), "reward": ("exact", "partial")}
+               "optimizer": ("adamw", "sgd"), "dtype": tuple(DTYPES), "autocast": AUTOCAST,
+               "reward": ("exact", "partial")}
     add_config_arguments(parser, TrainConfig, choices)
 
 
