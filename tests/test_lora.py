@@ -194,6 +194,7 @@ def test_bias_all_adapter_biases_are_named_frozen_or_trained_by_train_uncovered(
     (dict(lora_r=2, lora_targets="q_proj;v"), "--lora-targets 'q_proj;v'"),
     (dict(lora_r=2, lora_targets="no_such_module"), "--lora-targets 'no_such_module' on a 'gpt2' model"),
     (dict(lora_r=-1), "--lora-r must be a whole number >= 0"),
+    (dict(lora_r=2, lora_targets="wte"), "--lora-targets 'wte' adapts modules that are not linear layers"),
     (dict(train_uncovered=True, per_layer=True), "--train-uncovered trains the parameters outside the Gram"),
 ])
 def test_bad_lora_flags_are_refused_naming_the_flag(changes, message, tmp_path, capsys):

@@ -31,7 +31,7 @@ from drpt_ref.gram.layers import covered_parameters
 from drpt_ref.training.evaluate import reference_match
 from drpt_ref.training.model_folder import load_model_folder
 from drpt_ref.training.run_state import read_metrics
-from drpt_ref.training.train import TrainConfig, check_settings, make_batches, unit_loss_of
+from drpt_ref.training.train import TrainConfig, check_settings, make_batches, train, unit_loss_of
 from drpt_ref.training.train_data import data_source, grpo_batch
 
 torch.set_num_threads(2)
@@ -345,3 +345,59 @@ def test_drpt_eval_on_a_bpe_model_without_pad(model_dirs, capsys):
     assert main(["eval", "--model", model_dirs["gpt_neox"], "--task", "add3", "--n", "4"]) == 0
     out = capsys.readouterr().out
     assert "no pad token" in out and re.search(r"^add3\s+target\s+4\s", out, re.M)
+
+
+NOT_CALLABLE = 3  # a --reward-fn target that exists but is not a function
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("non_utf8", "is not UTF-8 text"), ("none_source", "the source label"), ("empty", "is empty"),
+    ("not_callable", "not a function")])
+def test_bad_file_contents_name_the_flag_and_the_row(model_dirs, data_files, tmp_path, capsys, bad, message):
+    """Data that cannot be read as the user meant it is refused with the flag, file and row named, before any
+    run folder is written: bytes that are not UTF-8, a general row without a source label (never logged as the
+    source 'None'), an empty file, a --reward-fn name that is not a function."""
+    files = dict(data_files)
+    if bad == "non_utf8":
+        path = tmp_path / "g.jsonl"
+        path.write_bytes(b'{"prompt": "caf\xe9 ?", "completion": " x", "source": "a"}\n')
+        files["general"] = str(path)
+    elif bad == "none_source":
+        files["general"] = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "a", "completion": " b", "source": None}])
+    elif bad == "empty":
+        (tmp_path / "t.jsonl").write_bytes(b"")
+        files["target"] = str(tmp_path / "t.jsonl")
+    args = argv(model_dirs["llama"], files, tmp_path / "run", "grpo" if bad == "not_callable" else "sft")
+    if bad == "not_callable":
+        args[args.index("--reward-fn") + 1] = "test_own_data:NOT_CALLABLE"
+    with pytest.raises(SystemExit) as exit_:  # the CLI: a usage error with the message, no traceback
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == []  # nothing written in it
+
+
+def test_a_tokenizer_that_does_not_fit_the_embedding_is_refused_naming_the_model(model_dirs, data_files, tmp_path):
+    small = tmp_path / "small"
+    model, tok = load_model_folder(model_dirs["llama"])
+    model.resize_token_embeddings(len(tok) - 10)  # the tokenizer of another model
+    model.save_pretrained(str(small), safe_serialization=True)
+    tok.save_pretrained(str(small))
+    with pytest.raises(ValueError, match="--model .* embedding has 290 rows"):
+        train(config_of(argv(str(small), data_files, tmp_path / "run", "sft")))
+
+
+def test_resume_refuses_data_files_that_changed(model_dirs, data_files, tmp_path):
+    """config.json keeps the sha256 of every data file: a run resumed on edited data is refused, not continued
+    on other data (the same paths, other contents)."""
+    files = {k: write_jsonl(tmp_path / f"{k}.jsonl", [json.loads(x) for x in open(v)]) for k, v in data_files.items()}
+    args = argv(model_dirs["llama"], files, tmp_path / "run", "sft", steps=2, checkpoint_every=1, eval_every=2)
+    train(config_of(args))
+    rows = [json.loads(x) for x in open(files["general"])]
+    write_jsonl(files["general"], rows[::-1])
+    resumed = config_of(args)
+    resumed.steps, resumed.resume = 3, True
+    with pytest.raises(ValueError, match="data_sha256"):
+        train(resumed)
+    write_jsonl(files["general"], rows)  # the data as they were: the run resumes
+    train(resumed)

@@ -235,3 +235,23 @@ def test_drpt_ref_imports_without_trl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "pip install drpt_ref[trl]" in out.stdout
+
+
+def test_the_readme_trl_example_runs_as_written(tmp_path):
+    """README's TRL snippet, run as a reader would (from the repository root), with only max_steps and
+    output_dir made small: it trains, logs the Dr quantities and writes every step's weights."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("```python", readme.index("### TRL")) + len("```python")
+    code = readme[start:readme.index("```", start)]
+    assert "max_steps=300" in code and '"runs/trl_sft"' in code
+    out = tmp_path / "trl_sft"
+    code = code.replace("max_steps=300", "max_steps=2").replace('"runs/trl_sft"', repr(str(out)))
+    env = {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / "dr_steps.jsonl") as f:
+        steps = [json.loads(line) for line in f]
+    assert len(steps) == 2 and all(len(s["weights"][0]) == 16 for s in steps)  # per_device_train_batch_size units

@@ -108,6 +108,8 @@ def read_table(path: str, flag: str):
             header = next(csv.reader(f), [])
         kw = dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
                   keep_default_na=False)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{flag} {path!r} is empty (0 bytes); it must hold at least one row.")
     try:
         table = datasets.load_dataset(FORMATS[ext], data_files=os.path.abspath(path), split="train", **kw)
     except Exception as err:  # noqa: BLE001  datasets raises many kinds; all mean "this file does not parse"
@@ -153,9 +155,11 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     except ImportError as err:
         raise ValueError(f"{flag} {spec!r}: module {module_name!r} does not import ({err}); install it, or put its "
                          "folder on PYTHONPATH (PYTHONPATH=. drpt train ...).") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
+    if not hasattr(module, name):
         raise ValueError(f"{flag} {spec!r}: {module_name} has no function {name!r}.")
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise ValueError(f"{flag} {spec!r}: {module_name}.{name} is a {type(fn).__name__}, not a function.")
     return fn
 
 
@@ -189,9 +193,18 @@ def read_units(path: str, flag: str, kind: str, role: str, tok, *, max_length: i
     cols = check_columns(table, path, flag, kind, role, source_column)
     group = "general" if role == "general" else "target"
     units = []
-    for i, row in enumerate(table):
+    rows = iter(table)
+    for i in range(len(table)):
         where = f"{flag} {path!r} row {i}"
-        source = str(row[source_column]) if role == "general" else role
+        try:
+            row = next(rows)
+        except UnicodeDecodeError as err:  # datasets decodes lazily, row by row
+            raise ValueError(f"{where} is not UTF-8 text ({err}); re-encode the file as UTF-8.") from None
+        label = row[source_column] if role == "general" else role
+        if label is None or not str(label).strip():
+            raise ValueError(f"{where}: the source label (column {source_column!r}, --source-column) is empty; "
+                             "give every general row the name of its source.")
+        source = str(label)
         if role == "eval" or kind == "grpo":  # a prompt, and a reference completion where the row has one
             prompt, ref = _prompt_and_reference(row, cols, kind, where)
             if ref is None and kind != "grpo":

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import re
 
+import torch
+
 from drpt_ref.training.model_folder import is_adapter_folder, is_peft_model, require_peft
 
 ALL_LINEAR = "all-linear"  # peft's choice of every linear layer but the output head
@@ -88,6 +90,12 @@ def add_lora(model, cfg):
         kind = getattr(getattr(model, "config", None), "model_type", "?")
         raise ValueError(f"--lora-targets {cfg.lora_targets!r} on a {kind!r} model: {err} Name the model's linear "
                          f"modules (e.g. q_proj,v_proj) or use {ALL_LINEAR!r}.") from None
+    other = sorted(name for name, mod in model.named_modules()
+                   if hasattr(mod, "base_layer") and not isinstance(mod.base_layer, (torch.nn.Linear, Conv1D)))
+    if other:  # an embedding or convolution adapter: the Gram covers linear layers only (theory/gram.md)
+        raise ValueError(f"--lora-targets {cfg.lora_targets!r} adapts modules that are not linear layers "
+                         f"({', '.join(other[:3])}): the Gram covers linear (and GPT-2 Conv1D) layers only; name "
+                         "linear modules (e.g. q_proj,v_proj) or use all-linear.")
     model.peft_config["default"].base_model_name_or_path = os.path.abspath(cfg.model)  # saved in final/
     return model
 

@@ -64,13 +64,14 @@ from drpt_ref.training.run_state import (
     write_config,
 )
 from drpt_ref.training.step_batches import batch_info, build_batch, make_batches  # noqa: F401 (make_batches: API)
-from drpt_ref.training.train_data import check_data_flags, data_source
+from drpt_ref.training.train_data import check_data_flags, data_fingerprint, data_source
 
 PARADIGMS = ("sft", "dpo", "grpo", "hpt")
 LR_MAX = 10.0  # a larger step only diverges (and 1e300 would overflow on the first step)
 EVAL_KEYS = ("eval_accuracy", "eval_loss", "eval_partial",  # the held-out evaluation of a metrics record
              "report_accuracy", "report_loss", "report_partial", "eval_reward")  # eval_reward: GRPO on files
 HELD_OUT = ("eval", "select", "report")  # the held-out splits (data/task_base.py)
+DATA_SHA256 = "data_sha256"  # config.json: {flag: sha256} of the data files and the reward module (train_data.py)
 
 
 @dataclass
@@ -254,9 +255,9 @@ def train(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig) -> str:
-    config = dataclasses.asdict(cfg)
-    run_id = (check_resumed_config(cfg.out, config, defaults=dataclasses.asdict(TrainConfig())) if cfg.resume
-              else new_run_id(config))
+    config = {**dataclasses.asdict(cfg), DATA_SHA256: data_fingerprint(cfg)}  # changed data files refuse --resume
+    defaults = {**dataclasses.asdict(TrainConfig()), DATA_SHA256: {}}  # a field the stored config lacks
+    run_id = check_resumed_config(cfg.out, config, defaults=defaults) if cfg.resume else new_run_id(config)
     torch.manual_seed(cfg.seed)
     dtype = DTYPES[cfg.dtype]  # half precision: theory/precision.md
     # ---- model: dropout off (eval mode) so per-unit gradients are deterministic -------------------------------

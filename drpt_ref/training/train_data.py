@@ -19,6 +19,8 @@ Shapes: input_ids, attention_mask, loss_mask (R, T); R = units * rows_per_unit.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from drpt_ref.data.files import IdsPrompt, check_columns, load_reward_fn, read_table, read_units
@@ -170,11 +172,37 @@ def context_length(model) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def data_fingerprint(cfg) -> dict[str, str]:
+    """{flag: sha256 of the file} of the run's data files and of the --reward-fn module's source; {} on the suite.
+    Stored in config.json, so that --resume refuses data that changed since the run began."""
+    import hashlib
+    import importlib.util
+
+    files = {f"--{name.replace('_', '-')}": getattr(cfg, name) for name in ("target_data", "general_data", "eval_data")
+             if getattr(cfg, name)}
+    if cfg.reward_fn:
+        spec = importlib.util.find_spec(cfg.reward_fn.partition(":")[0])
+        if spec is not None and spec.origin and os.path.isfile(spec.origin):
+            files["--reward-fn"] = spec.origin
+    out = {}
+    for flag, path in files.items():
+        with open(path, "rb") as f:
+            out[flag] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def data_source(cfg, tok, model) -> DataSource:
     """The run's data: the suite when cfg.target_data is '', else the files. Makes the tokenizer fit first (a
     missing pad token defaults to eos, with a message: data/tokenizer.py prepare_tokenizer). --max-length 0
-    means the model's context length."""
+    means the model's context length. ValueError naming --model when the tokenizer's ids do not fit the model's
+    embedding (a tokenizer saved with another model)."""
     prepare_tokenizer(tok)
+    rows = model.get_input_embeddings().num_embeddings
+    special = [i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if i is not None]
+    if len(tok) > rows or max(special, default=0) >= rows:
+        raise ValueError(f"--model {cfg.model!r}: its tokenizer has {len(tok)} tokens (special ids {special}) but the "
+                         f"model's input embedding has {rows} rows, so some ids have no embedding; save the tokenizer "
+                         "the model was built with (or resize the model's embeddings) in the --model folder.")
     if not cfg.target_data:
         return SuiteData(cfg)
     limit = context_length(model)

@@ -60,7 +60,7 @@ from drpt_ref.flags import check_device, check_positive_ints, field_comments, pa
 from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints
 from drpt_ref.training.model_folder import check_model_folder
 from drpt_ref.training.run_files import read_json_or_none, remove_path, write_json_atomic
-from drpt_ref.training.run_state import PLACE_FIELDS, RUN_ID, check_out_folder, claim_folder, read_marker
+from drpt_ref.training.run_state import PLACE_FIELDS, check_out_folder, claim_folder, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def stale_run(run_dir: str, config: dict) -> list[str]:
     stored = read_json_or_none(os.path.join(run_dir, "config.json"))
     if stored is None:
         return []
-    stored = {"train": {k: v for k, v in stored.items() if k not in PLACE_FIELDS + (RUN_ID,)}}
+    stored = {"train": {k: v for k, v in stored.items() if k in train_defaults()}}  # TrainConfig's own fields
     return config_changes(stored, {"train": config["train"]})
 
 
