@@ -17,11 +17,13 @@ Symbols used in every shape comment:
 
 Layout, one subpackage per layer; imports run only downward (each __init__ says what it may import):
     flags        command-line flags shared by every command (config dataclass -> argparse, checks)
+    deferred     device-side checks read on the host once, with the Dr step's record
     core         the projections of the method, one convex program each, and the exact solvers that check them
     batched      many projections at once in torch, on any device: the third rung of the solver ladder
     data         the task suite, its character tokenizer, and the sampling of completions (rollouts)
     losses       per-unit losses: the unit batch, SFT, DPO, GRPO and the unified policy-gradient estimator
     gram         the Gram quantities K, b, c of a model's per-unit gradients: exact, ghost and sketched engines
+    distributed  data-parallel Dr steps over torch.distributed: the global K, b, c across ranks and the update reduced
     training     the Dr step and the training loop: weight rules, selection baselines, ADAPT, HPT, run state
     experiments  the jobs built on training: reproduce, bias-variance, spectrum, benchmarks, build-model
     integrations the Dr step inside TRL's trainers: DrSFTTrainer and DrDPOTrainer (optional extra `trl`)

@@ -4,5 +4,5 @@
 QP (qp.py) with the Euclidean projections onto each set (projections.py) and the active-face polish
 (polish.py), and certifies every problem against its program as `core` defines it.
 
-May import: flags, core.
+May import: flags, deferred, core.
 """

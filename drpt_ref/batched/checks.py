@@ -22,6 +22,7 @@ import torch
 
 from drpt_ref.core.direction import PSD_RTOL, SYMMETRY_RTOL, check_gram
 from drpt_ref.core.methods import check_scalar_param, fill_params
+from drpt_ref.deferred import in_scope, require
 
 
 def check_batch(K, b, c, validate: str = "cheap"):
@@ -78,22 +79,23 @@ def check_batch(K, b, c, validate: str = "cheap"):
         (d.amin(-1) / scale < -tol).any() | (minor_K > 0).any(),
         (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any() | (minor_v > 0).any(),
         (asym > 0).any(),
-    ]).tolist()  # the one host round-trip
-    for name, bad in zip("Kbc", flags[:3]):
+    ])
+    messages = [f"{name} contains NaN or inf; check the gradients it was computed from (a diverged loss, or a token "
+                "mask that divides by zero)." for name in "Kbc"] + [
+        lambda: (f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "
+                 f"{SYMMETRY_RTOL[K.dtype]:.0e}); pass K = G^T G, or symmetrize it with (K + K^T) / 2."),
+        "K is not PSD (a negative diagonal entry, or K_ij^2 > K_ii K_jj); K must be a Gram matrix: compute K = G^T G "
+        "from the per-sample gradients (validate='full' tests every eigenvalue).",
+        "b and c do not match K: c < 0, b_i^2 > c K_ii or (b^T v)^2 > c v^T K v (the joint Gram [[c, b^T], [b, K]] of "
+        "(g_T, G) is not PSD); compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T."]
+    if in_scope():  # registered, read once with the caller's record (drpt_ref/deferred.py)
+        for bad, message in zip(flags[:6], messages):
+            require(~bad, message)
+        return 0.5 * (K + K.mT), b, c  # bitwise K where K is already symmetric
+    flags = flags.tolist()  # the one host round-trip
+    for bad, message in zip(flags[:6], messages):
         if bad:
-            raise ValueError(f"{name} contains NaN or inf; check the gradients it was computed from "
-                             "(a diverged loss, or a token mask that divides by zero).")
-    if flags[3]:
-        raise ValueError(f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "
-                         f"{SYMMETRY_RTOL[K.dtype]:.0e}); pass K = G^T G, or symmetrize it with (K + K^T) / 2.")
-    if flags[4]:
-        raise ValueError("K is not PSD (a negative diagonal entry, or K_ij^2 > K_ii K_jj); K must be a Gram matrix: "
-                         "compute K = G^T G "
-                         "from the per-sample gradients (validate='full' tests every eigenvalue).")
-    if flags[5]:
-        raise ValueError("b and c do not match K: c < 0, b_i^2 > c K_ii or (b^T v)^2 > c v^T K v (the joint Gram "
-                         "[[c, b^T], [b, K]] of "
-                         "(g_T, G) is not PSD); compute b = G^T g_T and c = ||g_T||^2 from the same G and g_T.")
+            raise ValueError(message() if callable(message) else message)
     return (0.5 * (K + K.mT) if flags[6] else K), b, c  # symmetrize only where it changes K
 
 
@@ -103,6 +105,34 @@ def _in_range(method: str, name: str, value: float, dtype: torch.dtype) -> None:
     if isinstance(value, float) and abs(value) > top / 16:  # with headroom for the solver's own products
         raise ValueError(f"{name}={value:g} for method {method!r} is outside the range of {dtype} "
                          f"(max {top:.1e}); pass float64 K, b, c, or a smaller {name}.")
+
+
+def _scalar_checks(method: str, name: str, value: torch.Tensor, n: int, dtype) -> str | None:
+    """The message of the first entry of a (B,) parameter that check_scalar_param or _in_range refuses, or None."""
+    for i, v in enumerate(value.detach().cpu().tolist()):
+        try:
+            check_scalar_param(method, name, v, n)
+            _in_range(method, name, v, dtype)
+        except ValueError as err:
+            return f"{name}[{i}]: {err}"
+    return None
+
+
+def _param_in_range(method: str, name: str, value: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    """check_scalar_param's and _in_range's rules as one bool tensor, computed on the device (no host read)."""
+    v = value.detach().double()  # (B,)
+    if (method, name) == ("topk", "k"):
+        return (v >= 1) & (v <= n)
+    ok = torch.isfinite(v) & (v.abs() <= torch.finfo(dtype).max / 16)
+    if name == "k":
+        ok &= (v >= 1) & (v <= n)
+    elif name == "lam":
+        ok &= (v >= 0) & (v <= 1)
+    elif name == "tau":
+        ok &= v > 0
+    elif name in ("radius", "ridge"):
+        ok &= v >= 0
+    return ok
 
 
 def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Tensor) -> dict:
@@ -125,16 +155,16 @@ def check_batch_params(method: str, params: dict, B: int, n: int, like: torch.Te
         if tuple(value.shape) != (B,):
             raise ValueError(f"{name} must be a Python scalar or a (B,) = ({B},) tensor, "
                              f"got shape {tuple(value.shape)}.")
-        values = value.detach().cpu().tolist()  # one host read per tensor parameter; the checks are the scalar ones
         if (method, name) == ("topk", "k") and value.is_floating_point():
             raise ValueError(f"k for method 'topk' must be an integer tensor (got {value.dtype}); use "
                              "method 'capped_simplex' for fractional k.")
-        for i, v in enumerate(values):
-            try:
-                check_scalar_param(method, name, v, n)
-                _in_range(method, name, v, like.dtype)
-            except ValueError as err:
-                raise ValueError(f"{name}[{i}]: {err}") from None
+        if in_scope():  # the same rules on the device, read once with the caller's record (drpt_ref/deferred.py)
+            require(_param_in_range(method, name, value, n, like.dtype),
+                    lambda name=name, value=value: _scalar_checks(method, name, value, n, like.dtype) or "")
+        else:
+            message = _scalar_checks(method, name, value, n, like.dtype)  # one host read per tensor parameter
+            if message:
+                raise ValueError(message)
         if name == "tau":
             out["tau64"] = value.to(device=like.device, dtype=torch.float64)
         dtype = torch.long if (method, name) == ("topk", "k") else like.dtype

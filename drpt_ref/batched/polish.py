@@ -93,21 +93,23 @@ def _groups(sizes: list[int]) -> list[tuple[list[int], int]]:
 
 
 def face_step(K: ScaledGram, g, feasible_set: JacobiSet, F: torch.Tensor, rho: torch.Tensor,
-              r_eq: torch.Tensor | None = None):
+              r_eq: torch.Tensor | None = None, sync_free: bool = False):
     """The proximal Newton step on the free face F, solved on the compact block K^_FF, eq. (11)-(11c).
 
     delta = argmin { g^T delta + 1/2 delta^T (K^_FF + rho I) delta : delta_i = 0 off F, a^T delta = r_eq }
     (no equality for the cone; r_eq = 0 unless given). For each group of problems (by |F|, `_groups`)
     the free indices are gathered into a (Bg, s_max) index tensor, K^_FF + rho I (rho I on the padding,
     decoupled) is factored once by Cholesky and solved for two right-hand sides; the multiplier mu of
-    the equality is in closed form, and delta is scattered back.
+    the equality is in closed form, and delta is scattered back. sync_free: one group, every face padded to n
+    (no host read of the sizes).
     K^ (A, n, n), g (A, n), F (A, n) bool, rho (A,), r_eq (A,) -> delta (A, n), mu (A,)
     """
     sizes = F.sum(-1)  # (A,)
     order = torch.sort(F.to(torch.int8), dim=-1, descending=True, stable=True).indices  # (A, n) free first
     delta, mu_all = torch.zeros_like(g), torch.zeros_like(g[:, 0])  # (A, n), (A,)
-    for members, s in _groups(sizes.tolist()):  # the host read of this step
-        idx = torch.tensor(members, device=g.device)  # (Bg,)
+    groups = [(None, g.shape[-1])] if sync_free else _groups(sizes.tolist())  # the host read of this step
+    for members, s in groups:
+        idx = torch.arange(g.shape[0], device=g.device) if members is None else torch.tensor(members, device=g.device)
         cols = order[idx, :s]  # (Bg, s) free indices, then padding (indices of bounded entries)
         vf = (torch.arange(s, device=g.device) < sizes[idx].unsqueeze(-1)).to(g.dtype)  # (Bg, s) 1 on F
         KFF = K.block(idx, cols, vf)  # (Bg, s, s), zero on the padding
@@ -146,7 +148,8 @@ def _long_steps(K: ScaledGram, b, fs: JacobiSet, z, cut, delta, ratios, blocked)
     return cands.gather(1, best.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1), (best > 0).unsqueeze(-1)
 
 
-def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, dual_floor: torch.Tensor) -> torch.Tensor:
+def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, dual_floor: torch.Tensor,
+           sync_free: bool = False) -> torch.Tensor:
     """Eq. (11d): a primal active-set method from the feasible z (the FISTA iterate), batched; rho (A,).
 
     Each step solves the face of the current free set F (`face_step`) and moves z toward its
@@ -155,8 +158,11 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
     r = g + mu a points into the set by more than dual_floor (A,) is freed. f never increases. A
     problem leaves the loop when a full step frees nothing (its face is optimal up to dual_floor)
     or after `steps` steps; the certificate (13) judges the result. (A, n, n), (A, n), (A, n) -> (A, n)
+    sync_free: no host read: every step runs (a finished problem is frozen, not removed), faces padded to n.
     """
     A_, n = z.shape
+    if steps < 1:
+        return z.clone()
     capped = fs.cap is not None and not fs.uncapped  # entries can sit at a cap (capped simplex only)
     z = z.clone()
     live = torch.arange(A_, device=z.device)  # (L,) problems still in the loop
@@ -167,7 +173,8 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
     g = Kl.mv(zl) - bl  # (L, n)
     go = torch.ones(A_, dtype=torch.bool, device=z.device)  # (L,) false: done, frozen until the next compaction
     for _ in range(steps):
-        delta, mu = face_step(Kl, g, sl, F & go.unsqueeze(-1), rl)  # (L, n), (L,); frozen: no free set, no step
+        # (L, n), (L,); frozen: no free set, no step
+        delta, mu = face_step(Kl, g, sl, F & go.unsqueeze(-1), rl, sync_free=sync_free)
         ratios = torch.where(F & (delta < 0), zl / (-delta), float("inf"))  # (L, n) step at which z_i meets 0
         if capped:  # ... or its cap
             ratios = torch.minimum(ratios, torch.where(F & (delta > 0), (hl - zl) / delta, float("inf")))
@@ -177,7 +184,8 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
         bound = torch.where(delta < 0, 0.0, hl) if capped else 0.0  # the bound each blocking entry lands on
         cut = torch.where(hit, bound, zl + t * delta).clamp_min(0.0)  # (L, n)
         blocked = ~full & go  # (L,)
-        if bool(blocked.any()):  # eq. (11e): where a long step wins, its entries at a bound leave F instead
+        # eq. (11e): where a long step wins, its entries at a bound leave F instead (sync-free: always evaluated)
+        if sync_free or bool(blocked.any()):
             zl, jumped = _long_steps(Kl, bl, sl, zl, cut, delta, ratios, blocked)
             at_bound = (zl <= 0) | (zl >= hl) if capped else zl <= 0
             hit = torch.where(jumped, F & at_bound, hit)  # (L, n)
@@ -193,6 +201,8 @@ def polish(K: ScaledGram, b, z, fs: JacobiSet, rho: torch.Tensor, steps: int, du
             upper = (upper & ~leave) | (hit & (zl >= hl))
         F = (F & ~hit) | enter  # the blocking entries leave F (an entry that just entered at 0 and grows stays)
         go = go & (~full | enter.any(-1))  # (L,)
+        if sync_free:
+            continue
         n_go = int(go.sum())  # the host read of this step
         if n_go == 0:
             break

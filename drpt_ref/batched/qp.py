@@ -51,6 +51,9 @@ STEP_SAFETY = 1.25  # L = 1.25 * Rayleigh quotient after POWER_ITERATIONS, cappe
 # eq. (10'): in float64 the power iteration and the first FISTA iterations (which only look for the
 # face; the polish and the certificate then work in float64) run on a float32 copy of K
 SCOUT_DTYPE = {torch.float64: torch.float32}
+# sync-free schedule (no host read, for a training step): active-set steps of its one polish; from a FISTA iterate
+# the face is usually found in a few (a problem it does not certify is re-solved by the synchronising schedule)
+SYNC_FREE_POLISH_STEPS = 3
 
 
 @dataclass
@@ -125,14 +128,19 @@ def _scale(K, cap, first_dtype):
 
 
 def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHECK_EVERY, first_check=FIRST_CHECK,
-             use_polish=True, trace=False, polish_rounds=POLISH_ROUNDS) -> QPResult:
-    """Minimize 1/2 w^T K w - b^T w over the capped simplex (cap (B,)) or the cone (cap None)."""
+             use_polish=True, trace=False, polish_rounds=POLISH_ROUNDS, uncapped=None, sync_free=False) -> QPResult:
+    """Minimize 1/2 w^T K w - b^T w over the capped simplex (cap (B,)) or the cone (cap None).
+
+    uncapped: True when every cap is >= 1 (the simplex; None: read from cap). sync_free=True: no host read (a fixed
+    schedule, section 3 of theory/batched_solvers.md: `first_check` iterations, one polish of SYNC_FREE_POLISH_STEPS
+    steps on faces padded to n, one certificate); the caller reads `converged` and re-solves what failed."""
     B, n = b.shape
     dtype, device = b.dtype, b.device
     max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
     tol = DEFAULT_TOL.get(dtype, 2e-5) if tol is None else float(tol)
     tiny = torch.finfo(dtype).tiny
-    uncapped = cap is not None and bool((cap >= 1.0).all())  # the simplex: caps implied, eq. (5'')
+    if uncapped is None:  # the simplex: caps implied, eq. (5'')
+        uncapped = cap is not None and bool((cap >= 1.0).all())
     # eq. (10'): with the polish on, a float32 scout finds the faces; without it FISTA alone must converge
     scout = SCOUT_DTYPE.get(dtype) if (use_polish and device.type != "mps") else None
 
@@ -197,7 +205,8 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
             history.append(hist_row.clone())
         for _round in range(polish_rounds if use_polish else 1):  # eq. (11): polish, then certify
             if use_polish:
-                cand = polish(Ka, ba, z, set_a, Ra, ACTIVE_SET_STEPS, Da)
+                cand = polish(Ka, ba, z, set_a, Ra, SYNC_FREE_POLISH_STEPS if sync_free else ACTIVE_SET_STEPS, Da,
+                              sync_free=sync_free)
                 better = (cand != z).any(-1)  # (A,)
                 z = torch.where(better.unsqueeze(-1), cand, z)
                 y = torch.where(better.unsqueeze(-1), z, y)
@@ -207,6 +216,8 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
             if trace:  # the polished certificate replaces that of the last iteration
                 hist_row[active] = cert
                 history[-1] = hist_row.clone()
+            if sync_free:  # one schedule, no early exit: the caller reads the certificate
+                break
             keep = ~(cert <= tol)  # (A,) NaN counts as not converged
             n_keep = int(keep.sum())  # the host sync of this check
             if n_keep < keep.numel():  # converged problems leave the batch
@@ -216,7 +227,7 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
                 z, y, t = z[keep], y[keep], t[keep]
             if n_keep == 0:
                 break
-        if it >= max_iter:
+        if it >= max_iter or sync_free:
             break
     w = z_out * a  # (B, n) back to sample weights
     if cap is not None:  # re-project in w: a * z loses digits to cancellation when a spans decades (float32)

@@ -46,7 +46,7 @@ def gram_objective_batched(K, b, c, alpha, w):
     return accurate_objective(K, b, c, alpha, w).to(K.dtype)
 
 
-def _solve_subspace(K, b, ridge):
+def _solve_subspace(K, b, ridge, sync_free: bool = False):
     """(K + ridge I) w = b + ridge / n 1, Jacobi-scaled Cholesky + refinement, eq. (14). -> w, residual"""
     B, n = b.shape
     d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
@@ -58,7 +58,7 @@ def _solve_subspace(K, b, ridge):
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
     rho = SUBSPACE_RIDGE.get(K.dtype, 1e-6) * n
     chol, info = torch.linalg.cholesky_ex(A + rho * eye)  # (B, n, n)
-    if bool((info != 0).any()):  # one sync; rare: retry the failures with a 1000x larger ridge
+    if sync_free or bool((info != 0).any()):  # one sync (sync-free: always); rare: retry with a 1000x larger ridge
         chol2, _ = torch.linalg.cholesky_ex(A + 1e3 * rho * eye)
         chol = torch.where((info != 0)[:, None, None], chol2, chol)
 
@@ -74,14 +74,14 @@ def _solve_subspace(K, b, ridge):
     return a * x, resid / scale.clamp_min(torch.finfo(K.dtype).tiny)
 
 
-def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
+def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, sync_free=False):
     """Clean w onto the set, certify every problem on (K, b, c) as given (core/certificate.py); re-solve the
     problems that fail with the exact solver in float64 and keep whichever answer certifies better.
     Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n)."""
     cap = {"simplex": torch.ones_like(c), "capped_simplex": 1.0 / p["k"] if "k" in p else None}.get(method)
     ridge = p.get("ridge")
     w = clean_weights(method, w, cap, diag=K.diagonal(dim1=-2, dim2=-1))
-    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype)
+    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype, sync_free=sync_free)
     failed = (~cert["passed"]).nonzero().flatten().tolist() if repair else []  # one host read
     for i in failed:  # the exact rung of the ladder, one problem at a time (rare: degenerate data)
         params = {"k": float(p["k"][i])} if method == "capped_simplex" else (
@@ -103,6 +103,8 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
                 certificate_kind=cert["certificate_kind"], feasibility=cert["feasibility"].to(K.dtype),
                 repaired=torch.zeros_like(cert["passed"]).index_fill_(
                     0, torch.tensor(failed, dtype=torch.long, device=w.device), True))
+    if not warn:  # sync-free: the caller reads info["converged"]
+        return w
     tol = tolerances(K.dtype)[0]
     warn_not_converged(method, cert["passed"], cert["certificate"], tol, info["iterations"].max().item(),
                        cert["certificate_kind"], repaired=repair)
@@ -110,7 +112,7 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True):
 
 
 def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=False, polish=True,
-                    validate="cheap", repair=True, **params) -> Direction:
+                    validate="cheap", repair=True, sync_free=False, **params) -> Direction:
     """Solve B projections at once; see the module docstring. Parameters: scalars or (B,) tensors.
 
     max_iter, tol: iteration limit and certificate tolerance of the iterative methods (simplex,
@@ -122,6 +124,11 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     (core/certificate.py); True re-solves the problems that fail with the exact solver (`project`, float64,
     one at a time) and keeps the better certified answer; False reports them as not converged.
     info["converged"] (B,) is the certificate's verdict; info["repaired"] (B,) marks the re-solved problems.
+    sync_free=True (the Dr step, theory/step_cost.md section 4): no host read inside for the closed forms, simplex
+    and capped_simplex: the input checks are registered in the caller's `drpt_ref.deferred` scope (read at once
+    outside one), the QP runs one fixed schedule (`solve_qp(sync_free=True)`), and nothing is repaired or warned:
+    the certificate is still computed on (K, b, c) as given, and the caller reads info["converged"] once and
+    re-solves what failed (with sync_free=False).
     Raises ValueError naming the argument for bad input (shapes, dtype, NaN/inf, meta tensors, a K or b, c
     that cannot come from one G and g_T, parameters outside their range or the dtype's).
     """
@@ -181,17 +188,19 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
                 cap = 1.0 / p["k"]
             max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
-            res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace)
+            res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace,
+                           uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free)
             w = res.w
             info.update(iterations=res.iterations)
             if trace:
                 info["history"] = res.history
         else:  # subspace, eq. (14)
             ridge = p["ridge"]
-            w, _ = _solve_subspace(K, b, ridge)  # its residual is judged by the certificate below
+            w, _ = _solve_subspace(K, b, ridge, sync_free)  # its residual is judged by the certificate below
             info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
         if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
-            w = _certify_and_repair(K, b, c, method, p, w, info, repair)
+            w = _certify_and_repair(K, b, c, method, p, w, info, repair and not sync_free, warn=not sync_free,
+                                    sync_free=sync_free)
             objective = info.pop("_objective").to(dtype)  # alpha = 0: eq. (2) at w, computed by the certificate
         else:
             objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative

@@ -151,7 +151,7 @@ def _power_of_two_scale(K, c) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(s)))
 
 
-def _support_gap(K, r, one_ulp, support, eps: float) -> torch.Tensor:
+def _support_gap(K, r, one_ulp, support, eps: float, sync_free: bool = False) -> torch.Tensor:
     """1/2 r_S^T (K_SS + mu I)^(-1) r_S in Jacobi-scaled form, less what rounding w alone would cause (eq. (3')).
 
     K (B, n, n), r (B, n), one_ulp (B, n), support (B, n) bool -> (B,). mu = max(1e-14 max(n, 10), 4 n eps) times
@@ -170,7 +170,7 @@ def _support_gap(K, r, one_ulp, support, eps: float) -> torch.Tensor:
         L_try, bad_try = torch.linalg.cholesky_ex(A)
         L = L_try if L is None else torch.where((bad != 0)[:, None, None], L_try, L)
         bad = bad_try if bad is None else torch.where(bad != 0, bad_try, bad)
-        if not bool((bad != 0).any()):
+        if not sync_free and not bool((bad != 0).any()):  # sync-free: every shift runs (each only where bad)
             break
         mu = torch.where(bad != 0, mu * 1e3, mu)
     L = torch.where((bad != 0)[:, None, None], torch.eye(n, dtype=K.dtype, device=K.device) / mu.sqrt()[:, None, None]
@@ -183,7 +183,7 @@ def _support_gap(K, r, one_ulp, support, eps: float) -> torch.Tensor:
     return (quad(a * r) - quad(a * one_ulp)).clamp_min(0.0)
 
 
-def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float64) -> dict:
+def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float64, sync_free=False) -> dict:
     """Certificate of weights w for the program of `method` on (K, b, c) as given; see the module docstring.
 
     K (B, n, n), b (B, n), c (B,), w (B, n): tensors of any float dtype and device (read in float64);
@@ -191,7 +191,8 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
     dtype: the caller's dtype, which sets the tolerances.
     Returns (B,) tensors: objective (eq. (5), in the caller's units), feasibility (eq. (1)),
     certificate (eq. (2), (3) or (4)), passed (bool); and certificate_kind.
-    Raises ValueError for a method without an iterative program.
+    Raises ValueError for a method without an iterative program. sync_free: no host read (the support gap of eq.
+    (3') is applied per problem where ridge = 0, every Cholesky shift is tried).
     """
     if method not in ("simplex", "capped_simplex", "cone", "subspace"):
         raise ValueError(f"method={method!r} has no iterative program to certify.")
@@ -239,13 +240,16 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
         viol = (viol - one_ulp).clamp_min(0.0)  # (B, n) eq. (6)
         cert = torch.where(viol > 0, viol / norm.clamp_min(torch.finfo(torch.float64).tiny),
                            torch.zeros_like(viol)).amax(-1)  # (B,) 0 / 0 (a zero unit) counts as 0
-        if ridge is None or not bool((ridge > 0).any()):
+        no_ridge = ridge is None or sync_free or not bool((ridge > 0).any())
+        if no_ridge:
             # eq. (3'): the cosine test is blind to a residual along a nearly dependent pair of units; the
             # stationarity gap on the support, 1/2 r_S^T (K_SS + mu I)^(-1) r_S, is not (and it reads a part of
             # r outside range(K_SS), where K has lost a direction b still sees, as a large gap)
             support = w > 0 if method == "cone" else torch.ones_like(w, dtype=torch.bool)
-            gap = _support_gap(K, r, one_ulp, support, eps)  # (B,)
+            gap = _support_gap(K, r, one_ulp, support, eps, sync_free)  # (B,)
             gap = (torch.minimum(gap, objective) - 8 * eps * (c + lengths)).clamp_min(0.0)  # eqs. (2'), (6)
+            if ridge is not None:  # sync-free: only the problems without a ridge
+                gap = torch.where(ridge.to(gap) > 0, torch.zeros_like(gap), gap)
             cert = torch.maximum(cert, gap / (target_scale + wKw).clamp_min(torch.finfo(torch.float64).tiny))
             if method == "cone":  # w = 0 is feasible: an answer worse than no update is never optimal
                 worse = objective - 0.5 * c - 8 * eps * (c + lengths)  # (B,)

@@ -4,5 +4,5 @@
 GPT-2 problem, plot, command), `drpt spectrum` (spectrum/: demo, plot), `drpt bench` (bench/: the
 solver and step benchmarks) and `drpt build-model` (build_model.py).
 
-May import: flags, core, batched, data, losses, gram, training.
+May import: flags, core, batched, data, losses, gram, distributed, training.
 """

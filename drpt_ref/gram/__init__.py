@@ -6,5 +6,5 @@ one interface `compute_gram` / `gram_from_capture` (compute.py); and the update 
 the same capture (update.py); mixed precision (precision.py: captures in the model's dtype, K, b, c and the update
 accumulated in float32 or wider) and gradient checkpointing under the capture (checkpointing.py).
 
-May import: flags, losses.
+May import: flags, deferred, losses.
 """

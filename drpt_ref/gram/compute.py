@@ -124,7 +124,7 @@ def gram_from_capture(cap, method: str = "ghost", *, ghost_mode: str = "auto", s
     if ghost_mode not in GHOST_MODES:
         raise ValueError(f"ghost_mode must be one of {GHOST_MODES}, got {ghost_mode!r}")
     if method == "ghost":
-        J, info = ghost_joint_gram(cap, ghost_mode)
+        J, info = ghost_joint_gram(cap, ghost_mode, collapse=True)  # the targets as one unit: the same K, b, c
     else:
         J, info = sketch_joint_gram(cap, sketch_dim, seed, ghost_mode)
     return _gram(J, cap.n, cap.m, cap.layers, method, info)

@@ -24,7 +24,7 @@ Shapes:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ from drpt_ref.gram.precision import autocast_dtype, check_finite_capture, no_aut
 from drpt_ref.losses.unit_batch import RowBatch, concat_batches, token_logprobs
 
 PAIR_CHUNK_ELEMENTS = 2**24  # largest (units x U x T_u x T_u) block the pair form holds at once
+# a materialized layer keeps its per-unit gradients F (U, p_l) for the update (eq. (3) in theory/step_cost.md: d_l from
+# F in 2 U p_l FLOPs instead of 2 N p_l from a and e) when F holds at most this many times the layer's captured a and e
+KEEP_FLAT_RATIO = 4
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Capture:
     m: int  # target units (the last m units)
     losses: torch.Tensor  # (n + m,) the unit losses, detached
     recomputed: int = 0  # layer calls skipped as gradient-checkpointing recomputations inside the backward
+    flat: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> F (U, p_l) kept by the ghost Gram
 
     def per_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Group a layer's token tensor by unit. (R, T, d) -> (U, rows_per_unit * T, d)"""
@@ -62,7 +66,7 @@ def _linear_hooks(layers: list[CoveredLayer]):
     (gram/checkpointing.py) and is counted in state["recomputed"], not recorded.
     """
     a, e, handles = {}, {}, []
-    state = {"backward": False, "recomputed": 0}
+    state = {"backward": False, "recomputed": 0, "outputs": {}}  # outputs: name -> the layer's output tensor
 
     def make_hook(name):
         def forward_hook(module, inputs, output):
@@ -83,6 +87,7 @@ def _linear_hooks(layers: list[CoveredLayer]):
             cast = autocast_dtype(x)
             a[name] = x if cast is None else x.to(cast)  # under autocast: the input the layer multiplied
             e[name] = torch.zeros_like(output.detach())  # (R, T, d_out); stays 0 if no loss depends on it
+            state["outputs"][name] = output
 
             def grad_hook(grad):
                 e[name] = grad.detach()  # (R, T, d_out)
@@ -103,7 +108,8 @@ def _linear_hooks(layers: list[CoveredLayer]):
 def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
     """One forward and one backward of sum_u loss_u over [general; target] with hooks. -> Capture
 
-    The backward is torch.autograd.grad on the covered weights, so the parameters' .grad is untouched. a and e stay
+    The backward is torch.autograd.grad on the covered layers' outputs (no weight gradient is formed), so the
+    parameters' .grad is untouched. a and e stay
     in the dtype the layers ran in (bf16 / fp16 models, autocast); a half-precision capture that overflowed is
     refused (ValueError). Gradient checkpointing enabled on the model is active during the capture
     (gram/checkpointing.py); a reentrant one is refused (ValueError).
@@ -113,8 +119,13 @@ def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
     with _linear_hooks(layers) as (a, e, state), checkpointing_active(model):
         losses = unit_loss(token_logprobs(model, batch.input_ids, batch.attention_mask), batch)  # (n + m,)
         state["backward"] = True  # from here on a layer's forward is a checkpointing recomputation
-        # Summed, not averaged: e of unit u is d loss_u / d Y_u (eq. (6) in theory/gram.md).
-        torch.autograd.grad(losses.sum(), [layer.module.weight for layer in layers], allow_unused=True)
+        # Summed, not averaged: e of unit u is d loss_u / d Y_u (eq. (6) in theory/gram.md). The gradient is asked
+        # of the layer outputs, not the weights: autograd then skips every weight-gradient product (2 N p FLOPs,
+        # a third of the backward), which the update forms from a and e anyway (theory/step_cost.md, eq. (2)).
+        outputs = [state["outputs"][ly.name] for ly in layers]
+        for ly, g in zip(layers, torch.autograd.grad(losses.sum(), outputs, allow_unused=True)):
+            if g is not None:
+                e[ly.name] = g.detach()  # (R, T, d_out), the value the output hook also saw
     for ly in layers:
         check_finite_capture(ly.name, a[ly.name], "input")
         check_finite_capture(ly.name, e[ly.name], "output gradient")
@@ -157,10 +168,11 @@ def materialized_flat(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Ten
     """
     A, E = widen(A, E)
     U = A.shape[0]
+    if bias:  # a column of ones: the last row of A^T E is then sum_t e_t, the bias gradient (no copy of F)
+        A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)  # (U, T_u, d_in + 1)
     with no_autocast(A):
-        W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in, d_out)
-    parts = [W.reshape(U, -1)] + ([E.sum(1)] if bias else [])
-    return torch.cat(parts, dim=1)  # (U, p_l)
+        W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in (+ 1), d_out)
+    return W.reshape(U, -1)  # (U, p_l): the weight gradient, then the bias gradient
 
 
 def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
@@ -174,11 +186,46 @@ def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
         return F @ F.T, mode
 
 
-def ghost_joint_gram(cap: Capture, mode: str = "auto"):
-    """J_l for every covered layer from the captured a and e. -> J (L, U, U), info with the form per layer"""
+def collapsed_flat(A: torch.Tensor, E: torch.Tensor, bias: bool, n: int) -> torch.Tensor:
+    """F of the n general units and one row for the m target units summed (eq. (5) in theory/step_cost.md), written
+    into one buffer. A (U, T_u, d_in), E (U, T_u, d_out) -> F (n + 1, p_l) in the accumulation dtype."""
+    A, E = widen(A, E)
+    if bias:  # the column of ones of materialized_flat
+        A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)  # (U, T_u, d_in + 1)
+    d_in, d_out = A.shape[-1], E.shape[-1]
+    F = A.new_empty(n + 1, d_in, d_out)
+    with no_autocast(A):
+        torch.bmm(A[:n].transpose(1, 2), E[:n], out=F[:n])  # (n, d_in, d_out) per general unit
+        torch.mm(A[n:].reshape(-1, d_in).T, E[n:].reshape(-1, d_out), out=F[n])  # (d_in, d_out) all target tokens
+    return F.reshape(n + 1, -1)  # (n + 1, p_l)
+
+
+def collapse_joint(J: torch.Tensor, n: int) -> torch.Tensor:
+    """The joint Gram with the target units summed into one: (U, U) -> (n + 1, n + 1); same K, b, c."""
+    top = torch.cat([J[:n, :n], J[:n, n:].sum(1, keepdim=True)], dim=1)  # (n, n + 1)
+    bottom = torch.cat([J[n:, :n].sum(0, keepdim=True), J[n:, n:].sum().reshape(1, 1)], dim=1)  # (1, n + 1)
+    return torch.cat([top, bottom])
+
+
+def ghost_joint_gram(cap: Capture, mode: str = "auto", collapse: bool = False):
+    """J_l for every covered layer from the captured a and e. -> J (L, U, U), info with the form per layer.
+
+    collapse=True: the m target units summed into one unit, J (L, n + 1, n + 1): kbc_from_joint(J, n, m) gives the
+    same K, b, c, and the materialized form costs (n + 1)^2 p_l instead of U^2 p_l (theory/step_cost.md, eq. (5))."""
     blocks, modes = [], []
     for layer, a, e in zip(cap.layers, cap.a, cap.e):
-        J, used = layer_joint_gram(cap.per_unit(a), cap.per_unit(e), layer.has_bias, mode)
+        A, E = cap.per_unit(a), cap.per_unit(e)  # (U, T_u, d_in), (U, T_u, d_out)
+        used = mode if mode != "auto" else "pair" if use_pair_form(A.shape[1], A.shape[2], E.shape[2], A.shape[0]) \
+            else "materialize"
+        if used == "materialize":  # F kept for the update when small enough (KEEP_FLAT_RATIO)
+            F = collapsed_flat(A, E, layer.has_bias, cap.n) if collapse else materialized_flat(A, E, layer.has_bias)
+            if F.numel() <= KEEP_FLAT_RATIO * (a.numel() + e.numel()):
+                cap.flat[layer.name] = F
+            with no_autocast(F):
+                J = F @ F.T  # (U, U)
+        else:
+            J, used = layer_joint_gram(A, E, layer.has_bias, used)
+            J = collapse_joint(J, cap.n) if collapse else J
         blocks.append(J)
         modes.append(used)
     return torch.stack(blocks), {"modes": modes}

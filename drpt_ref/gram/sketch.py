@@ -23,9 +23,9 @@ from drpt_ref.gram.precision import no_autocast, widen
 
 
 def sketch_matrices(d_in: int, d_out: int, dim: int, gen: torch.Generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """P (d_in, dim), Q (d_out, dim), entries N(0, 1/dim): E[P P^T] = I, eq. (7) in theory/gram.md."""
-    P = torch.randn(d_in, dim, generator=gen, dtype=dtype) / dim**0.5
-    Q = torch.randn(d_out, dim, generator=gen, dtype=dtype) / dim**0.5
+    """P (d_in, dim), Q (d_out, dim), entries N(0, 1/dim) on gen's device: E[P P^T] = I, eq. (7) in theory/gram.md."""
+    P = torch.randn(d_in, dim, generator=gen, dtype=dtype, device=gen.device) / dim**0.5
+    Q = torch.randn(d_out, dim, generator=gen, dtype=dtype, device=gen.device) / dim**0.5
     return P, Q
 
 
@@ -33,14 +33,16 @@ def sketch_joint_gram(cap: Capture, dim: int, seed: int, mode: str = "auto"):
     """Approximate J_l from projected a and e, eq. (8) in theory/gram.md. -> J (L, U, U), info"""
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"sketch_dim must be a positive int, got {dim!r}")
-    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same sketch on every device
+    # a generator on the capture's device: P, Q drawn there, no host-to-device copy per layer (a CPU and a CUDA run
+    # draw different sketches of the same law, eq. (7))
+    gen = torch.Generator(device=cap.a[0].device).manual_seed(seed)
     blocks, modes = [], []
     for layer, a, e in zip(cap.layers, cap.a, cap.e):
         a, e = widen(a, e)  # half-precision captures: projected in float32 (eq. (1) in theory/precision.md)
         P, Q = sketch_matrices(layer.d_in, layer.d_out, dim, gen, a.dtype)
         with no_autocast(a):
-            a_s = a @ P.to(a.device)  # (R, T, k)
-            e_s = e @ Q.to(e.device)  # (R, T, k)
+            a_s = a @ P  # (R, T, k)
+            e_s = e @ Q  # (R, T, k)
         J, used = layer_joint_gram(cap.per_unit(a_s), cap.per_unit(e_s), layer.has_bias, mode)
         blocks.append(J)
         modes.append(used)

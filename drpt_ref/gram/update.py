@@ -5,8 +5,10 @@
 
        d_l = sum_u coef_{l,u} sum_{t in u} e_t a_t^T,  coef_l = (w_l, alpha_l / m * 1_m)      eq. (10)
 
-   over the units [general; target] of the capture. Global coefficients (alpha scalar, w (n,)) or
-   per layer (alpha (L,), w (L, n)): the per-layer feasible set of theory/gram.md, section 6.
+   over the units [general; target] of the capture; where the ghost Gram kept a layer's per-unit gradients
+   F (U or n + 1, p_l) (gram/ghost.py, KEEP_FLAT_RATIO), d_l = coef_l^T F_l instead (eq. (3) in
+   theory/step_cost.md). Global coefficients (alpha scalar, w (n,)) or per layer (alpha (L,), w (L, n)):
+   the per-layer feasible set of theory/gram.md, section 6.
 2. `weighted_backward_update(...)`: the global case as the gradient of one scalar,
    alpha * mean_j target_loss_j + sum_i w_i loss_i (eq. (11)), by one backward.
 
@@ -50,8 +52,19 @@ def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
     unit = cap.batch.unit  # (R,)
     update = {}
     for l, (layer, a, e) in enumerate(zip(cap.layers, cap.a, cap.e)):
-        a, e = a.to(acc), e.to(acc)  # one layer widened at a time
         coef = torch.cat([weights[l], (alpha[l] / m).expand(m)])  # (n + m,) weight of each unit, eq. (10)
+        F = cap.flat.get(layer.name)  # (U or n + 1, p_l): the per-unit gradients the ghost Gram kept, if any
+        if F is not None:  # eq. (10) as coef^T F: 2 U p_l FLOPs (theory/step_cost.md, eq. (3))
+            if F.shape[0] == n + 1:  # the target units summed into one row (gram/ghost.py, collapse)
+                coef = torch.cat([weights[l], (alpha[l] / m).reshape(1)])  # (n + 1,)
+            with no_autocast(F):
+                flat = coef.to(F.dtype) @ F  # (p_l,)
+            W = flat[:layer.d_in * layer.d_out].reshape(layer.d_in, layer.d_out)  # (d_in, d_out)
+            update[f"{layer.name}.weight"] = W if layer.conv1d else W.T
+            if layer.has_bias:
+                update[f"{layer.name}.bias"] = flat[layer.d_in * layer.d_out:]  # (d_out,)
+            continue
+        a, e = a.to(acc), e.to(acc)  # one layer widened at a time
         e_weighted = e * coef[unit][:, None, None]  # (R, T, d_out)
         with no_autocast(a):
             W = torch.einsum("rti,rto->io", a, e_weighted)  # (d_in, d_out): sum_u coef_u sum_t a_t e_t^T

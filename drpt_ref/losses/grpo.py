@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from drpt_ref.deferred import require
 from drpt_ref.losses.unit_batch import RowBatch
 
 
@@ -74,8 +75,7 @@ def grpo_unit_loss(logprobs, mask, advantages, old_logprobs=None, *, clip_eps: f
         kl = k3_kl(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0))  # eq. (7); 0 off the mask
         per_token = per_token + kl_coef * kl
     count = mask.sum((1, 2)).to(logprobs.dtype)  # (U,) completion tokens of the group: the normaliser of eq. (8)
-    if bool((count == 0).any()):
-        raise ValueError("a group has no completion tokens (mask all zero); drop it or fix its loss_mask")
+    require(count != 0, "a group has no completion tokens (mask all zero); drop it or fix its loss_mask")
     return torch.where(mask, per_token, 0.0).sum((1, 2)) / count  # (U,)
 
 

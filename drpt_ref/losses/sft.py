@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from drpt_ref.deferred import require
 from drpt_ref.losses.unit_batch import RowBatch
 
 
@@ -21,8 +22,7 @@ def sft_unit_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.bool()
     count = mask.sum(-1).to(logprobs.dtype)  # (U,) answer tokens per example: the normaliser
-    if bool((count == 0).any()):
-        raise ValueError("an example has no answer tokens (mask row all zero); drop it or fix its loss_mask")
+    require(count != 0, "an example has no answer tokens (mask row all zero); drop it or fix its loss_mask")
     # where, not multiply: a non-finite log-prob outside the mask must not reach the loss or its gradient
     return -torch.where(mask, logprobs, 0.0).sum(-1) / count  # (U,)
 

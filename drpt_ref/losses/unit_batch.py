@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from drpt_ref.deferred import require
+
 
 @dataclass
 class RowBatch:
@@ -38,10 +40,11 @@ class RowBatch:
                                  f"got {tuple(getattr(self, name).shape)}")
         if self.rows_per_unit < 1 or R % self.rows_per_unit:
             raise ValueError(f"rows_per_unit={self.rows_per_unit} must divide the number of rows R={R}")
-        if bool((self.loss_mask.bool() & ~self.attention_mask.bool()).any()):
-            raise ValueError("loss_mask marks padding tokens; set loss_mask = 0 wherever attention_mask = 0")
-        if bool(self.loss_mask[:, 0].bool().any()):
-            raise ValueError("loss_mask[:, 0] must be 0: the first token has no prediction (shift by one)")
+        # deferred.require: read now, or once with the Dr step's record (drpt_ref/deferred.py)
+        require(~(self.loss_mask.bool() & ~self.attention_mask.bool()),
+                "loss_mask marks padding tokens; set loss_mask = 0 wherever attention_mask = 0")
+        require(~self.loss_mask[:, 0].bool(),
+                "loss_mask[:, 0] must be 0: the first token has no prediction (shift by one)")
         for name, x in self.extras.items():
             if x.shape[0] != R or (x.dim() == 2 and x.shape[1] != T - 1) or x.dim() > 2:
                 raise ValueError(f"extras[{name!r}] must be (R,) or (R, T - 1) = {(R, T - 1)}, got {tuple(x.shape)}")

@@ -7,5 +7,5 @@ representation features (rep_features.py); HPT's hybrid batches (hpt.py); the da
 (checkpoint.py), safetensors-only model loading (model_folder.py); held-out evaluation (evaluate.py); and the
 loop behind `drpt train` and `drpt eval` (train.py, evaluate.py).
 
-May import: flags, core, batched, data, losses, gram.
+May import: flags, deferred, core, batched, data, losses, gram, distributed.
 """

@@ -68,7 +68,7 @@ def sketch_features(cap: Capture, dim: int, seed: int) -> torch.Tensor:
     The projection is the sketch engine's (gram/sketch.py, eq. (8) in theory/gram.md): the same seeded
     P, Q in the same order, so <f_u, f_v> is exactly the sketched Gram entry J_uv summed over layers.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=cap.a[0].device).manual_seed(seed)  # the sketch engine's generator (its device)
     parts = []
     for layer, a, e in zip(cap.layers, cap.a, cap.e):
         P, Q = sketch_matrices(layer.d_in, layer.d_out, dim, gen, a.dtype)

@@ -27,6 +27,10 @@ Precision (theory/precision.md): the capture runs in the model's dtype (or under
 float32 (float64 for a float64 model), the projection is solved in that dtype, and the update d, assembled in it, is
 cast to each parameter's dtype when it is written to .grad.
 
+Under an initialised torch.distributed process group (world > 1) the batches are this rank's share: step 2 builds the
+Gram of the union of every rank's units, step 3 takes rank 0's answer, step 4's update is summed over the ranks
+(drpt_ref/distributed/, theory/distributed.md).
+
 Shapes: K (B, n, n), b (B, n), c (B,) with B = 1 (global) or L (per layer); alpha (B,), w (B, n).
 """
 
@@ -42,11 +46,17 @@ import torch
 from drpt_ref.batched.solve import gram_objective_batched, project_batched
 from drpt_ref.core.methods import METHODS
 from drpt_ref.core.project import project
+from drpt_ref.deferred import deferred_scope, read
+from drpt_ref.distributed.gram import global_gram
+from drpt_ref.distributed.ranks import check_model, check_rule, current_ranks
+from drpt_ref.distributed.update import broadcast_solution, local_coefficients, reduce_update
 from drpt_ref.gram.compute import compute_gram, gram_from_capture
+from drpt_ref.gram.exact import layer_gradients
 from drpt_ref.gram.ghost import capture
 from drpt_ref.gram.layers import covered_layers
 from drpt_ref.gram.precision import AUTOCAST, DTYPES, accumulation_dtype, autocast_context, no_autocast
 from drpt_ref.gram.update import assemble_update, weighted_backward_update
+from drpt_ref.losses.unit_batch import concat_batches
 from drpt_ref.training.model_folder import is_peft_model
 from drpt_ref.training.rep_features import last_hidden_states
 
@@ -87,13 +97,14 @@ def method_params(method: str, knobs: Knobs, K, b, c) -> dict:
     return {}
 
 
-def solve(K, b, c, method: str, params: dict, solver: str):
+def solve(K, b, c, method: str, params: dict, solver: str, sync_free: bool = False):
     """alpha (B,), w (B, n), objective (B,), converged (B,) for B problems, by the chosen solver.
 
-    Solved in K's dtype (float32 or float64), autocast off even inside a caller's autocast (theory/precision.md)."""
+    Solved in K's dtype (float32 or float64), autocast off even inside a caller's autocast (theory/precision.md).
+    sync_free (batched): no host read inside, no repair; the caller reads `converged` (theory/step_cost.md, sec. 4)."""
     if solver == "batched":
         with no_autocast(K):
-            d = project_batched(K, b, c, method, **params)
+            d = project_batched(K, b, c, method, sync_free=sync_free, **params)
         return d.alpha, d.weights, d.objective, d.info["converged"]
     out = []
     for i in range(K.shape[0]):  # the exact and cvxpy solvers take one problem at a time
@@ -218,24 +229,46 @@ def apply_rule(rule, ctx: StepContext):
     return alpha, w, objective, torch.ones(B, dtype=torch.bool), info
 
 
+def phase_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (torch.cuda.synchronize on CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@deferred_scope  # the step's checks are read once, with its record (drpt_ref/deferred.py, theory/step_cost.md)
 def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Knobs, *, per_layer: bool = False,
             solver: str = "batched", gram: str = "ghost", sketch_dim: int = 64, seed: int = 0, rule=None,
-            step: int = 0, autocast: str = "", uncovered=()) -> dict:
+            step: int = 0, autocast: str = "", uncovered=(), comm: str = "auto") -> dict:
     """Take one step; return the step's record (losses, objectives, alpha, weights, converged, method_info).
 
     rule: None (project by `method`) or a weight rule, rule(StepContext) -> (alpha, w, info); `method`
     is then only its name. A rule's (alpha, w) may be global ((1,), (1, n)) or per problem ((B,), (B, n)).
     autocast: '' (the model's dtype) or 'bfloat16' / 'float16': the capture under torch.autocast (theory/precision.md).
     uncovered: names of parameters outside the Gram moved by the same (alpha, w): `uncovered_update`.
+    Under an initialised torch.distributed process group of world > 1, general and target are this rank's units:
+    K, b, c are those of the union, the update is summed over the ranks (theory/distributed.md; every rank calls
+    dr_step alike); comm: what the ranks gather per layer, auto | tokens | units (distributed/gram.py).
     """
     check_step_args(method, solver, gram, rule)
-    clock = [time.perf_counter()]
+    ranks = current_ranks()  # None outside torch.distributed (or with one process): the single-process step
+    if ranks is not None:
+        check_model(model)
+        check_rule(rule, ranks)
+    device = next(model.parameters()).device
+    clock = [phase_clock(device)]
     hidden = last_hidden_states(model) if getattr(rule, "needs_hidden", False) else nullcontext({})
     mixed = autocast_context(autocast, next(model.parameters()).device.type)
     with hidden as h, mixed:
         cap = capture(model, unit_loss, general, target)  # step 1 (and the last hidden states, if asked for)
-    clock.append(time.perf_counter())
-    if gram == "exact":  # the reference engine: per-unit gradients by autograd
+    clock.append(phase_clock(device))
+    if ranks is not None:  # step 2 over every rank's units (theory/distributed.md, section 2)
+        flat = None
+        if gram == "exact":
+            with autocast_context(autocast, next(model.parameters()).device.type):
+                flat = layer_gradients(model, unit_loss, concat_batches(general, target))  # L x (n_r + m_r, p_l)
+        G = global_gram(ranks, cap, gram, flat=flat, sketch_dim=sketch_dim, seed=seed, comm=comm)
+    elif gram == "exact":  # the reference engine: per-unit gradients by autograd
         with autocast_context(autocast, next(model.parameters()).device.type):
             G = compute_gram(model, unit_loss, general, target, "exact")
     else:
@@ -246,33 +279,55 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
         K, b, c = (x.unsqueeze(0) for x in G.total())  # (1, n, n), (1, n), (1,)
     acc = accumulation_dtype(K)  # the engines accumulate in float32 or wider; the QP is solved in that dtype
     K, b, c = K.to(acc), b.to(acc), c.to(acc)
-    clock.append(time.perf_counter())
+    clock.append(phase_clock(device))
     if rule is None:  # step 3: a projection ...
-        alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
+        alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver,
+                                               True)  # sync_free: read below, once
         info = {}
     else:  # ... or a weight rule
         ctx = StepContext(model, cap, K, b, c, knobs, step, seed, h.get("hidden"))
         alpha, w, objective, converged, info = apply_rule(rule, ctx)
-    clock.append(time.perf_counter())
+    if ranks is not None:  # rank 0's answer on every rank, bit for bit
+        alpha, w, objective, converged = broadcast_solution(ranks, alpha, w, objective, converged)
+    # the step's one host read, before anything is written: the deferred checks, the losses and the solution
+    losses, n = (G.info["losses"], G.info["n"]) if ranks is not None else (cap.losses, general.num_units)
+    got = read(losses[:n].mean(), losses[n:].mean(), objective, alpha, w, converged, c)
+    if rule is None and solver == "batched" and not all(got[5]):  # the sync-free schedule missed: the full solve
+        alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
+        if ranks is not None:
+            alpha, w, objective, converged = broadcast_solution(ranks, alpha, w, objective, converged)
+        got = read(losses[:n].mean(), losses[n:].mean(), objective, alpha, w, converged, c)
+    clock.append(phase_clock(device))
     coef_alpha, coef_w = (alpha, w) if per_layer else (alpha[0], w[0])
+    alpha_r, w_r = alpha, w
+    if ranks is not None:  # this rank's share of d, eq. (3) in theory/distributed.md
+        coef_alpha, coef_w = local_coefficients(ranks, G.info["shares"], coef_alpha, coef_w)
+        alpha_r, w_r = local_coefficients(ranks, G.info["shares"], alpha, w)
     update = assemble_update(cap, coef_alpha, coef_w)  # step 4: name -> d
     if uncovered:  # --train-uncovered: the same (alpha, w) outside the Gram, eq. (3) in theory/lora.md
-        update.update(uncovered_update(model, unit_loss, general, target, alpha, w, uncovered, autocast))
+        update.update(uncovered_update(model, unit_loss, general, target, alpha_r, w_r, uncovered, autocast))
+    if ranks is not None:  # d = sum over ranks of d_r: one all_reduce
+        update, reduced = reduce_update(ranks, update)
     named = dict(model.named_parameters())
     optimizer.zero_grad(set_to_none=True)
     for name, d in update.items():  # step 5: d (float32 or wider) cast back to the parameter's dtype
         named[name].grad = d.to(named[name].dtype)
     optimizer.step()
-    clock.append(time.perf_counter())
-    n = general.num_units
-    return {
-        "loss_general": float(cap.losses[:n].mean()),
-        "loss_target": float(cap.losses[n:].mean()),
-        "objective": objective.tolist(),  # (B,) 1/2 ||d - g_T||^2 of each problem
-        "alpha": alpha.tolist(),
-        "weights": w.tolist(),  # (B, n)
-        "converged": bool(converged.all()),
-        "gram_c": c.tolist(),
+    clock.append(phase_clock(device))
+    record = {
+        "loss_general": got[0][0],
+        "loss_target": got[1][0],
+        "objective": got[2],  # (B,) 1/2 ||d - g_T||^2 of each problem
+        "alpha": got[3],
+        "weights": [got[4][i:i + w.shape[1]] for i in range(0, w.numel(), w.shape[1])],  # (B, n)
+        "converged": all(got[5]),
+        "gram_c": got[6],
         "method_info": info,  # what a weight rule reports (selected units, scores, ...); {} for projections
         "seconds": dict(zip(PHASES, (t1 - t0 for t0, t1 in zip(clock, clock[1:])))),
     }
+    if ranks is not None:  # bytes each rank received (gram) and sent (update), seconds in the collectives
+        record["comm"] = {"world": ranks.world, "forms": G.info["comm"],
+                          "gram_bytes": G.info["bytes"] * (ranks.world - 1),
+                          "gram_seconds": G.info["seconds"], "update_bytes": reduced["bytes"],
+                          "update_seconds": reduced["seconds"]}
+    return record

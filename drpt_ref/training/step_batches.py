@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from drpt_ref.distributed.ranks import current_ranks, local_units, rank_generator
 from drpt_ref.losses.unit_batch import token_logprobs
 from drpt_ref.training.hpt import hpt_batch
 from drpt_ref.training.run_state import step_generator
@@ -39,12 +40,17 @@ def build_batch(cfg, tok, model, ref_model, units: list, gen_sample: torch.Gener
 
 
 def make_batches(cfg, step: int, tok, model, ref_model, target_set, pool):
-    """(general batch, target batch, the general units drawn) of one step."""
-    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), step_generator(cfg.seed, step, 1)
+    """(general batch, target batch, the general units drawn) of one step.
+
+    Under torch.distributed every rank draws the same n and m units and builds the batches of its own share
+    (distributed/ranks.py, eq. (1) in theory/distributed.md; GRPO samples with a stream of its rank); the units
+    returned are all n drawn, in the order of the step's weights."""
+    ranks = current_ranks()
+    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), rank_generator(step_generator(cfg.seed, step, 1), ranks)
     general = draw(pool, cfg.n_general, gen_draw)
     target = draw(target_set, cfg.m_target, gen_draw)
-    g_batch = build_batch(cfg, tok, model, ref_model, general, gen_sample)  # general first: the sampling order
-    return g_batch, build_batch(cfg, tok, model, ref_model, target, gen_sample), general
+    g_batch = build_batch(cfg, tok, model, ref_model, local_units(general, ranks), gen_sample)  # general first
+    return g_batch, build_batch(cfg, tok, model, ref_model, local_units(target, ranks), gen_sample), general
 
 
 def batch_info(general, target) -> dict:

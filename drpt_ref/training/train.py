@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from drpt_ref.distributed.ranks import COMMS, check_run, current_ranks, sync_model, torchrun_group
 from drpt_ref.flags import add_config_arguments, check_device, check_finite, check_positive_ints
 from drpt_ref.gram.checkpointing import enable_checkpointing
 from drpt_ref.gram.precision import AUTOCAST, DTYPES
@@ -113,6 +114,7 @@ class TrainConfig:
     dtype: str = "float32"  # the weights: float32 | float64 (solver-equivalence runs) | bfloat16 | float16 (GPU only)
     autocast: str = ""  # '' (none) | bfloat16 | float16: the capture under torch.autocast over float32 weights
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (non-reentrant)
+    comm: str = "auto"  # under torchrun, what ranks gather per layer: auto (the smaller) | tokens (a, e) | units
     device: str = "cpu"  # cpu | cuda
     model: str = "small_models/gpt2-tiny"  # the starting checkpoint (a local folder; nothing is downloaded)
     out: str = "runs/default"  # run directory (new, empty, or a drpt run; never inside --model)
@@ -196,6 +198,8 @@ def check_settings(cfg: TrainConfig) -> None:
     check_device(cfg.device)
     check_model_folder(cfg.model, "--model")
     check_lora_settings(cfg)  # --lora-*, --train-uncovered (training/lora.py)
+    if cfg.comm not in COMMS:
+        raise ValueError(f"--comm {cfg.comm!r} is unknown; use one of {COMMS} (theory/distributed.md, section 2).")
 
 
 def unit_loss_of(cfg: TrainConfig):
@@ -240,18 +244,23 @@ def setup_rule(cfg: TrainConfig, tok, model, ref_model, unit_loss, target_set, p
 
 def train(cfg: TrainConfig) -> str:
     """Run (or resume) the training; return the run directory. Everything is checked (flags, --model, --out,
-    on resume the config and the checkpoint) before anything is written."""
-    check_config(cfg)
-    if cfg.resume:
-        if find_checkpoint(cfg.out) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r} (the run stopped before its first "
-                                    "checkpoint, or never started); start it again with --overwrite instead of "
-                                    "--resume.")
-    lock = acquire_lock(cfg.out)  # one drpt process per run folder; released however the run ends
-    try:
-        return _train(cfg)
-    finally:
-        release_lock(lock)
+    on resume the config and the checkpoint) before anything is written. Under torchrun (WORLD_SIZE > 1) every
+    rank runs this with the same flags: each draws the same units and steps on its share, rank 0 alone writes
+    (theory/distributed.md, section 4)."""
+    with torchrun_group(cfg.device) as ranks:  # the process group of torchrun's environment (gloo / nccl), or None
+        check_config(cfg)
+        if cfg.resume:
+            if find_checkpoint(cfg.out) is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r} (the run stopped before its first "
+                                        "checkpoint, or never started); start it again with --overwrite instead of "
+                                        "--resume.")
+        check_run(ranks, cfg.n_general, cfg.m_target, None if cfg.method in dr.METHODS else cfg.method)
+        lock = acquire_lock(cfg.out) if ranks is None or ranks.main else None  # one drpt process per run folder
+        try:
+            return _train(cfg)
+        finally:
+            if lock is not None:
+                release_lock(lock)
 
 
 def _train(cfg: TrainConfig) -> str:
@@ -266,12 +275,15 @@ def _train(cfg: TrainConfig) -> str:
     model = add_lora(model, cfg)  # --lora-r: new peft adapters, the base frozen (training/lora.py)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)  # active during each capture (gram/checkpointing.py)
+    ranks = current_ranks()  # under torchrun: rank 0 alone writes files (theory/distributed.md, section 4)
+    main = ranks is None or ranks.main
+    sync_model(model, ranks)  # several ranks: refuse DDP/FSDP/DTensor, every rank starts from rank 0's weights
     ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.paradigm in ("dpo", "grpo") else None
     outside = uncovered_trainable(model)  # trainable but outside the Gram: frozen, or --train-uncovered
     params = dr.freeze_uncovered(model, train_uncovered=cfg.train_uncovered)
     uncovered = outside if cfg.train_uncovered else []
     params = params + [dict(model.named_parameters())[name] for name in uncovered]
-    if cfg.progress:
+    if cfg.progress and main:
         print(format_coverage(model, outside, cfg.train_uncovered), flush=True)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
@@ -286,16 +298,19 @@ def _train(cfg: TrainConfig) -> str:
     unit_loss = unit_loss_of(cfg)
     rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)
     # ---- the run folder: claimed only now, after every check ------------------------------------------------------
-    if not cfg.resume:
+    if not cfg.resume and main:
         removed = claim_folder(cfg.out, "train", overwrite=cfg.overwrite)
         if removed:
             print(f"--overwrite: removed the previous run's {', '.join(removed)} from {cfg.out}")
     stale_eval = cfg.resume and start % cfg.eval_every != 0 and start != cfg.steps  # evaluated as a run ended there
-    log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None, drop=EVAL_KEYS if stale_eval else ())
-    write_config(cfg.out, config, run_id)
+    log = None
+    if main:
+        log = MetricsLog(cfg.out, resume_step=start if cfg.resume else None, drop=EVAL_KEYS if stale_eval else ())
+        write_config(cfg.out, config, run_id)
     knobs = dr.Knobs(cfg.k, cfg.tau_rel, cfg.ridge_rel, cfg.radius_rel, cfg.lam)
     # ---- loop ------------------------------------------------------------------------------------------------
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}", disable=not cfg.progress)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"{cfg.paradigm}/{cfg.method}",
+               disable=not (cfg.progress and main))
     for step in bar:
         for group in optimizer.param_groups:  # a function of the step alone, so --resume stays exact
             group["lr"] = cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
@@ -304,23 +319,26 @@ def _train(cfg: TrainConfig) -> str:
         t_data = time.perf_counter() - t0
         rec = dr.dr_step(model, optimizer, unit_loss, general, target, cfg.method, knobs, per_layer=cfg.per_layer,
                          solver=cfg.solver, gram=cfg.gram, sketch_dim=cfg.sketch_dim, seed=cfg.seed * 7919 + step,
-                         rule=rule, step=step, autocast=cfg.autocast, uncovered=uncovered)
+                         rule=rule, step=step, autocast=cfg.autocast, uncovered=uncovered, comm=cfg.comm)
         rec.update(step=step, sources=[u.task for u in units], groups=[u.group for u in units],
                    corrupted=[bool(getattr(u, "corrupted", False)) for u in units],  # a wrong shown answer
                    batch_info=batch_info(general, target))
         rec["seconds"]["data"] = t_data
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if main and (step % cfg.eval_every == 0 or step == cfg.steps):  # the ranks hold the same weights
             rec.update(data.evaluate(model, tok))  # eval_* (and report_*) keys of the held-out target set
             bar.set_postfix(acc=f"{rec.get('eval_accuracy', float('nan')):.3f}", loss=f"{rec['loss_target']:.3f}")
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise ValueError(f"step {step}: the parameters are no longer finite (the run diverged); lower --lr "
                              f"(now {cfg.lr:g}).")
+        if not main:
+            continue
         log.write(rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             log.sync()  # the log the checkpoint refers to is on disk first
             save_checkpoint(cfg.out, step, model, optimizer,
                             extra={} if rule is None else {"rule_state": rule.state_dict()}, run_id=run_id)
-    save_final(cfg.out, model, tok)
+    if main:
+        save_final(cfg.out, model, tok)
     return cfg.out
 
 
@@ -331,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     choices = {"paradigm": PARADIGMS, "method": ALL_METHODS, "solver": dr.SOLVERS, "gram": dr.GRAMS,
                "optimizer": ("adamw", "sgd"), "dtype": tuple(DTYPES), "autocast": AUTOCAST,
-               "reward": ("exact", "partial")}
+               "reward": ("exact", "partial"), "comm": COMMS}
     add_config_arguments(parser, TrainConfig, choices)
 
 

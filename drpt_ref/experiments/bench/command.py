@@ -2,6 +2,7 @@
 
     drpt bench solvers ...   the batched solvers against exact, cvxpy and qpth   (experiments/bench/solvers.py)
     drpt bench step ...      the Dr step against the standard step, by phase      (experiments/bench/step.py)
+    drpt bench comm ...      bytes and seconds in torch.distributed against W     (experiments/bench/comm.py)
 
 Each benchmark module keeps its own `add_arguments(parser)` and `run(args)` (both take `--device`);
 this file gives each an argparse sub-parser, refuses a CUDA device where there is none, and hands the
@@ -20,6 +21,7 @@ import torch
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "solvers": ("drpt_ref.experiments.bench.solvers", "the batched solvers against the exact solver, cvxpy and qpth"),
     "step": ("drpt_ref.experiments.bench.step", "time per Dr step by phase, and the ratio to the standard step"),
+    "comm": ("drpt_ref.experiments.bench.comm", "bytes and seconds per Dr step in torch.distributed, against W"),
 }
 
 

@@ -38,6 +38,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, GPT2LMHeadModel
 
 from drpt_ref.core.methods import METHODS
+from drpt_ref.experiments.bench.floor import floor_table, machine_rates, model_counts, phase_floors
+from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.flags import write_output
 from drpt_ref.gram.compute import gram_from_capture
@@ -53,7 +55,8 @@ ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with eve
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds)")
-    parser.add_argument("--grid", default=None, help="comma-separated NxT cells (default 8x32,32x32,8x128,32x128)")
+    parser.add_argument("--grid", default=None, help="comma-separated NxT or NxTxM cells (default "
+                        "8x32,16x32,32x32,8x128,32x128)")
     parser.add_argument("--crossover", default=None, help="NxT1:T2:... cells of the pair/materialize table "
                                                           "(default 16x16:32:64:128:256)")
     parser.add_argument("--m-target", type=int, default=4, help="target units per step")
@@ -66,6 +69,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shapes", default="", help="comma-separated realistic shapes built from configs, also "
+                        "benchmarked: " + ", ".join(SHAPES) + " (default none)")
+    parser.add_argument("--shape-grid", default="8x512x1,16x512",
+                        help="NxT or NxTxM cells (M target units, default --m-target) of the --shapes")
+    parser.add_argument("--shape-methods", default="capped_simplex", help="Dr methods on the --shapes (ghost Gram)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder blocks of each --shapes model (0: all)")
 
 
 # ---- setup -----------------------------------------------------------------------------------------------------
@@ -90,14 +99,17 @@ def token_batch(units: int, T: int, vocab: int, gen: torch.Generator, device) ->
     return RowBatch(ids.to(device), torch.ones_like(ids).to(device), loss_mask.to(device), 1)
 
 
-def parse_cells(text: str, name: str) -> list[tuple[int, int]]:
+def parse_cells(text: str, name: str, m: int | None = None) -> list[tuple[int, ...]]:
+    """NxT cells -> [(N, T)]; with m given, NxT or NxTxM cells -> [(N, T, M)] (M defaults to m)."""
     try:
         cells = [tuple(int(x) for x in cell.lower().split("x")) for cell in text.split(",") if cell.strip()]
     except ValueError:
         cells = []
-    if not cells or any(len(c) != 2 or min(c) < 2 for c in cells):
-        raise ValueError(f"{name}={text!r} must be comma-separated NxT cells with N, T >= 2, e.g. 8x32,32x128")
-    return cells
+    sizes = (2,) if m is None else (2, 3)
+    if not cells or any(len(c) not in sizes or min(c[:2]) < 2 or min(c) < 1 for c in cells):
+        raise ValueError(f"{name}={text!r} must be comma-separated NxT{'' if m is None else '[xM]'} cells with "
+                         "N, T >= 2 (M >= 1), e.g. 8x32,32x128")
+    return cells if m is None else [c if len(c) == 3 else (*c, m) for c in cells]
 
 
 # ---- memory and timing -----------------------------------------------------------------------------------------
@@ -185,22 +197,23 @@ def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, 
         return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram)["seconds"]
 
 
-def bench_cell(model, n: int, T: int, args, device, configs, gen) -> list[dict]:
-    """Every config on one (n, T) cell, the standard step first.
+def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, rates: dict, shape: str) -> list[dict]:
+    """Every config on one (n, T, m) cell, the standard step first; each phase also as measured / floor.
 
     Runs are interleaved (repeat r runs every config once), so that load from other processes falls on all
     configs alike; each config keeps the median of its runs per phase and the largest peak memory.
     """
     vocab = model.config.vocab_size
-    general, target = token_batch(n, T, vocab, gen, device), token_batch(args.m_target, T, vocab, gen, device)
+    general, target = token_batch(n, T, vocab, gen, device), token_batch(m, T, vocab, gen, device)
+    floors = phase_floors(model_counts(model), n, m, T, rates)  # seconds at the floor, theory/step_cost.md
     loss, knobs, fns = SFTLoss(), Knobs(), []
     for method, engine in [("standard", "-")] + configs:
-        m = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        copied = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
+        opt = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-4)
         if method == "standard":
-            fns.append(functools.partial(standard_step, m, opt, loss, general))
+            fns.append(functools.partial(standard_step, copied, opt, loss, general))
         else:
-            fns.append(functools.partial(_dr_seconds, m, opt, loss, general, target, method, knobs, engine,
+            fns.append(functools.partial(_dr_seconds, copied, opt, loss, general, target, method, knobs, engine,
                                          args.sketch_dim))
     for fn in fns:
         fn()  # warm-up
@@ -208,9 +221,10 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen) -> list[dict]:
     rows = []
     for i, (method, engine) in enumerate([("standard", "-")] + configs):
         mine = [rep[i] for rep in runs]
-        rows.append(dict(n=n, T=T, method=method, engine=engine,
+        rows.append(dict(n=n, T=T, m=m, shape=shape, method=method, engine=engine,
                          **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
-                         peak_mb=max(r["peak_mb"] for r in mine)))
+                         peak_mb=max(r["peak_mb"] for r in mine),
+                         floor=floors["standard" if method == "standard" else "dr"]))
     base = rows[0]["total"]
     for r in rows:
         r["ratio"] = r["total"] / base
@@ -276,22 +290,37 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     _pin_mmap_threshold()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    grid = parse_cells(args.grid or ("4x16,8x32" if args.quick else "8x32,32x32,8x128,32x128"), "--grid")
+    grid = parse_cells(args.grid or ("4x16,8x32" if args.quick else "8x32,16x32,32x32,8x128,32x128"), "--grid",
+                       args.m_target)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = sorted(set(shapes) - set(SHAPES))
+    if bad:
+        raise ValueError(f"--shapes: unknown {bad}; choose from {sorted(SHAPES)}")
+    shape_grid = parse_cells(args.shape_grid, "--shape-grid", args.m_target)
+    shape_methods = [m.strip() for m in args.shape_methods.split(",") if m.strip()]
     cross_spec = args.crossover or ("4x8:16:32" if args.quick else "16x16:32:64:128:256")
     cross_cells = [(n, int(T)) for cell in cross_spec.split(",") for n, Ts in [cell.lower().split("x", 1)]
                    for T in Ts.split(":")]
     cross_cells = parse_cells(",".join(f"{int(n)}x{T}" for n, T in cross_cells), "--crossover")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     gram_methods = [m.strip() for m in args.gram_methods.split(",") if m.strip()]
-    unknown = sorted(set(methods + gram_methods) - set(METHODS))
+    unknown = sorted(set(methods + gram_methods + shape_methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"--methods/--gram-methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        raise ValueError(f"--methods/--gram-methods/--shape-methods: unknown {unknown}; choose from {sorted(METHODS)}")
     configs = [(m, "ghost") for m in methods] + [(m, g) for g in ENGINES[1:] for m in gram_methods]
-    model = make_model(args.model, max(T for _, T in grid + cross_cells), device, args.seed)
+    rates = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
+    model = make_model(args.model, max(c[1] for c in grid + cross_cells), device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
-    for n, T in tqdm(grid, desc="bench step"):
-        rows += bench_cell(model, n, T, args, device, configs, gen)
+    for n, T, m in tqdm(grid, desc="bench step"):
+        rows += bench_cell(model, n, T, args, device, configs, gen, m, rates, os.path.basename(args.model.rstrip("/")))
+    shape_rows = []
+    for shape in shapes:  # realistic shapes, cut to --layers blocks
+        big = build_shape(shape, args.layers, max(T for _, T, _ in shape_grid), device, args.seed)
+        for n, T, m in tqdm(shape_grid, desc=shape):
+            shape_rows += bench_cell(big, n, T, args, device, [(x, "ghost") for x in shape_methods], gen, m, rates,
+                                     shape)
+        del big
     cross = [bench_crossover(model, n, T, args, device, gen) for n, T in tqdm(cross_cells, desc="pair vs materialize")]
     c = model.config
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -310,10 +339,15 @@ def run(args) -> int:
            "peak resident set over the step (VmHWM after /proc/self/clear_refs), a process-level measure"),
         "- standard = forward/backward of the mean general loss + optimizer (no capture, no target batch); the "
         "Dr phases are dr_step's: capture (fwd+bwd over n + m units), Gram, solve, update (assembly + optimizer)"
-        + ("; on CUDA the phase split is not synchronized inside dr_step, only the total is" if device.type == "cuda"
-           else ""),
+        + ("; on CUDA every phase boundary is synchronized (dr_step's phase_clock)" if device.type == "cuda" else ""),
     ]
+    if shapes:
+        header.append(f"- shapes: {', '.join(shapes)}, random weights from their published configs "
+                      f"(experiments/bench/shapes.py), cut to {args.layers or 'all'} decoder blocks; methods "
+                      f"{', '.join(shape_methods)} (ghost Gram)")
     table = render(rows, cross, header)
+    table += "\n\n## Measured over the FLOP floor, per phase (theory/step_cost.md)\n\n" + "\n".join(
+        floor_table([r for r in rows + shape_rows if r["engine"] in ("-", "ghost")], rates))
     print(table)
     if args.out:
         write_output(args.out, table)
