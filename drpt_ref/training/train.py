@@ -356,5 +356,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     out = train(cfg)
-    print(f"run written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone writes the run, and says so
+        print(f"run written to {out}")
     return 0
