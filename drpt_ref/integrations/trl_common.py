@@ -93,11 +93,13 @@ class DrTrainerMixin:
     """The Dr step in place of TRL's backward. Mixed in before a TRL trainer class (DrSFTTrainer, DrDPOTrainer).
 
     A subclass defines `dr_unit_loss` (a per-unit loss of drpt_ref.losses), `dr_rows(inputs)` (TRL's collated
-    batch -> RowBatch of units), `_dr_check_trl()` (refuse TRL settings the unit loss does not reproduce) and
-    `_dr_prepare_target(dataset)` (TRL's own preparation of a dataset).
+    batch -> RowBatch of units), `_dr_unsupported()` ((is_bad, setting, why) of TRL settings the unit loss does not
+    reproduce, refused here citing `dr_section` of theory/trl.md) and `_dr_prepare_target(dataset)` (TRL's own
+    preparation of a map-style dataset).
     """
 
     dr_name = "DrTrainer"
+    dr_section = "section 1"  # the section of theory/trl.md that says why an unsupported setting is refused
 
     def _dr_init(self, target_dataset) -> None:
         """Checks, the target data, the frozen parameters; called at the end of __init__."""
@@ -115,7 +117,13 @@ class DrTrainerMixin:
         if getattr(args, "activation_offloading", False):
             raise ValueError(f"activation_offloading=True: {self.dr_name}'s step captures each covered layer's input "
                              "and output gradient itself (theory/gram.md); set activation_offloading=False.")
-        self._dr_check_trl()
+        for is_bad, setting, why in self._dr_unsupported():
+            if is_bad:
+                raise ValueError(f"{self.dr_name} does not support {setting}: {why} "
+                                 f"(theory/trl.md, {self.dr_section}).")
+        if not hasattr(target_dataset, "__len__") or not hasattr(target_dataset, "map"):
+            raise ValueError("target_dataset must be a map-style datasets.Dataset (an IterableDataset has no length "
+                             "to draw target batches from).")
         target = self._dr_prepare_target(target_dataset)
         if len(target) < args.dr_target_batch_size:
             raise ValueError(f"dr_target_batch_size={args.dr_target_batch_size} is more than the target dataset's "

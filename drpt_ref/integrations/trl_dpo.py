@@ -63,6 +63,7 @@ class DrDPOTrainer(DrTrainerMixin, DPOTrainer):
     """
 
     dr_name = "DrDPOTrainer"
+    dr_section = "section 3"
 
     def __init__(self, model, ref_model=None, args: DrDPOConfig | None = None, *pos, target_dataset=None, **kwargs):
         if not isinstance(args, DrDPOConfig):
@@ -72,7 +73,7 @@ class DrDPOTrainer(DrTrainerMixin, DPOTrainer):
         self.dr_unit_loss = DPOLoss(beta=self.beta)
         self._dr_init(target_dataset)
 
-    def _dr_check_trl(self) -> None:
+    def _dr_unsupported(self) -> list[tuple]:
         weights = self.loss_weights
         bad = [(list(self.loss_types) != ["sigmoid"] or list(weights) != [1.0],
                 f"loss_type={self.loss_types} with loss_weights={self.args.loss_weights}",
@@ -82,14 +83,9 @@ class DrDPOTrainer(DrTrainerMixin, DPOTrainer):
                (self.ld_alpha is not None, f"ld_alpha={self.ld_alpha}", "the sequence log-prob is a plain sum"),
                (self.use_weighting, "use_weighting=True", "WPO weights are not part of the unit loss"),
                (self.aux_loss_enabled, "an MoE router auxiliary loss", "it has no per-unit form here")]
-        for is_bad, setting, why in bad:
-            if is_bad:
-                raise ValueError(f"DrDPOTrainer does not support {setting}: {why} (theory/trl.md, section 3).")
+        return bad
 
     def _dr_prepare_target(self, dataset):
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "map"):
-            raise ValueError("target_dataset must be a map-style datasets.Dataset (an IterableDataset has no length "
-                             "to draw target batches from).")
         dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "target")
         if self.precompute_ref_logps:  # as TRL does for train_dataset: the reference is the initial model
             size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size

@@ -84,6 +84,7 @@ class DrSFTTrainer(DrTrainerMixin, SFTTrainer):
     """
 
     dr_name = "DrSFTTrainer"
+    dr_section = "section 2"
 
     def __init__(self, model, args: DrSFTConfig | None = None, *pos, target_dataset=None, **kwargs):
         if not isinstance(args, DrSFTConfig):
@@ -94,7 +95,7 @@ class DrSFTTrainer(DrTrainerMixin, SFTTrainer):
         self.dr_unit_loss = TokenShareSFTLoss() if args.dr_sft_normaliser == "tokens" else SFTLoss()
         self._dr_init(target_dataset)
 
-    def _dr_check_trl(self) -> None:
+    def _dr_unsupported(self) -> list[tuple]:
         args = self.args
         bad = [(args.packing, "packing=True", "units would share a row"),
                (self.padding_free, "padding_free=True", "units would share a row"),
@@ -103,14 +104,9 @@ class DrSFTTrainer(DrTrainerMixin, SFTTrainer):
                 "the unit loss is the plain NLL"),
                (self.compute_loss_func is not None, "compute_loss_func", "the unit loss is the NLL"),
                (self.aux_loss_enabled, "an MoE router auxiliary loss", "it has no per-unit form here")]
-        for is_bad, setting, why in bad:
-            if is_bad:
-                raise ValueError(f"DrSFTTrainer does not support {setting}: {why} (theory/trl.md, section 2).")
+        return bad
 
     def _dr_prepare_target(self, dataset):
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "map"):
-            raise ValueError("target_dataset must be a map-style datasets.Dataset (an IterableDataset has no length "
-                             "to draw target batches from).")
         if self._skip_prepare_dataset:
             return dataset
         return self._prepare_dataset(dataset, self.processing_class, self.args, self.args.packing,

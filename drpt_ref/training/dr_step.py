@@ -258,18 +258,18 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
     device = next(model.parameters()).device
     clock = [phase_clock(device)]
     hidden = last_hidden_states(model) if getattr(rule, "needs_hidden", False) else nullcontext({})
-    mixed = autocast_context(autocast, next(model.parameters()).device.type)
+    mixed = autocast_context(autocast, device.type)
     with hidden as h, mixed:
         cap = capture(model, unit_loss, general, target)  # step 1 (and the last hidden states, if asked for)
     clock.append(phase_clock(device))
     if ranks is not None:  # step 2 over every rank's units (theory/distributed.md, section 2)
         flat = None
         if gram == "exact":
-            with autocast_context(autocast, next(model.parameters()).device.type):
+            with autocast_context(autocast, device.type):
                 flat = layer_gradients(model, unit_loss, concat_batches(general, target))  # L x (n_r + m_r, p_l)
         G = global_gram(ranks, cap, gram, flat=flat, sketch_dim=sketch_dim, seed=seed, comm=comm)
     elif gram == "exact":  # the reference engine: per-unit gradients by autograd
-        with autocast_context(autocast, next(model.parameters()).device.type):
+        with autocast_context(autocast, device.type):
             G = compute_gram(model, unit_loss, general, target, "exact")
     else:
         G = gram_from_capture(cap, gram, sketch_dim=sketch_dim, seed=seed)  # step 2

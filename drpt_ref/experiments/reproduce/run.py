@@ -94,7 +94,8 @@ def stale_run(run_dir: str, config: dict) -> list[str]:
     stored = read_json_or_none(os.path.join(run_dir, "config.json"))
     if stored is None:
         return []
-    stored = {"train": {k: v for k, v in stored.items() if k in train_defaults()}}  # TrainConfig's own fields
+    fields = train_defaults()
+    stored = {"train": {k: v for k, v in stored.items() if k in fields}}  # TrainConfig's own fields
     return config_changes(stored, {"train": config["train"]})
 
 
