@@ -17,6 +17,8 @@ import argparse
 import importlib
 import sys
 
+from drpt_ref.training.host_memory import retain_freed_memory
+
 # command -> (module, one-line help). Add a line here when a new job gets a command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("drpt_ref.experiments.bench.command",
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"drpt {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(rest)
+    retain_freed_memory()  # host memory freed by a step stays mapped for the next (training/host_memory.py)
     try:
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: the message names the flag and the fix

@@ -1,13 +1,17 @@
 """Sampling groups of completions for GRPO, batched, from the current model, reproducibly.
 
-Each prompt is repeated G times and all B * G rows are decoded together with a KV cache, drawing
-every token from softmax(logits / temperature) with a generator seeded per step (training/run_state.py),
-so a resumed run samples exactly what an uninterrupted one did. A completion ends at the first
-<eos> (or after max_new_tokens). `sample_completions` returns each completion twice: its text (for
-the reward, special tokens skipped) and the ids exactly as sampled (for the loss: the training batch is
-built from them with `tokenizer.encode_sft_ids`, each scored as its ids followed by <eos>, so a sampled
-<unk>, <pad> or <bos> is scored as what it was; a completion that hit max_new_tokens is scored as if it
-had stopped). `sample_groups` returns the texts only.
+Each prompt is repeated G times and all B * G rows are decoded together with a KV cache, drawing every token from
+softmax(logits / temperature) with a generator seeded per step (training/run_state.py), so a resumed run samples
+exactly what an uninterrupted one did. The draw runs on the model's device with a generator there (a generator on
+another device type is refused). On a GPU the host reads whether every row has ended once per STOP_CHECK_EVERY
+tokens, not per token (each read waits for the device): no completion changes (an ended row only emits <eos>), only
+the generator's state after the last token. On a CPU, where a read costs nothing, the check runs after every token,
+as it always did, so CPU runs draw what earlier versions drew (`stop_check_every` overrides either). A completion
+ends at the first <eos> (or after max_new_tokens). `sample_completions` returns each completion twice: its text (for
+the reward, special tokens skipped) and the ids exactly as sampled (for the loss: the training batch is built from
+them with `tokenizer.encode_sft_ids`, each scored as its ids followed by <eos>, so a sampled <unk>, <pad> or <bos>
+is scored as what it was; a completion that hit max_new_tokens is scored as if it had stopped). `sample_groups`
+returns the texts only.
 
 Shapes:
     prompts: B strings  ->  completions: B lists of G strings
@@ -20,6 +24,8 @@ import torch
 
 from drpt_ref.data.tokenizer import encode_prompts
 
+STOP_CHECK_EVERY = 8  # GPU: decoding steps between host reads of "every row ended" (each read waits for the device)
+
 
 def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
                   temperature: float, generator: torch.Generator) -> list[list[str]]:
@@ -29,27 +35,37 @@ def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_token
 
 @torch.no_grad()
 def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
-                       temperature: float, generator: torch.Generator) -> tuple[list[list[str]], list[list[list[int]]]]:
-    """G sampled completions per prompt: (texts, ids), each B lists of G; ids are those sampled, before <eos>."""
+                       temperature: float, generator: torch.Generator, stop_check_every: int | None = None
+                       ) -> tuple[list[list[str]], list[list[list[int]]]]:
+    """G sampled completions per prompt: (texts, ids), each B lists of G; ids are those sampled, before <eos>.
+
+    generator: on the model's device type. stop_check_every: decoding steps between host reads of "every row ended"
+    (None: 1 on a CPU, STOP_CHECK_EVERY elsewhere); it changes no completion.
+    """
     if group_size < 1:
         raise ValueError(f"group_size={group_size} must be >= 1 (completions sampled per prompt).")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use evaluate.greedy_generate for greedy).")
     device = next(model.parameters()).device
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model on {device}: sampling draws on the model's "
+                         f"device; pass torch.Generator(device='{device.type}') (run_state.step_generator(..., "
+                         "device=...))")
     rows = [p for p in prompts for _ in range(group_size)]  # B*G prompts, each repeated G times
     batch = {k: v.to(device) for k, v in encode_prompts(tok, rows).items()}
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]  # (B*G, T)
     eos = tok.eos_token_id
     past, steps = None, []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B*G,)
-    for _ in range(max_new_tokens):
+    every = stop_check_every or (1 if device.type == "cpu" else STOP_CHECK_EVERY)  # steps between host reads
+    for s in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
         probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)  # (B*G, V) float64: reproducible
-        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)  # (B*G,)
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B*G,) drawn on the device
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting <eos>
         steps.append(nxt)
         done |= nxt == eos
-        if bool(done.all()):
+        if (s + 1) % every == 0 and bool(done.all()):  # one host read per `every` tokens
             break
         past = out.past_key_values
         ids = nxt[:, None]  # (B*G, 1)

@@ -5,7 +5,7 @@ time inside the backward, to rebuild what the backward needs. The capture's forw
 layer of a checkpointed block twice. The capture (gram/ghost.py) therefore records a layer only in the forward it runs
 itself: a forward hook that fires after the capture has started its backward is a recomputation and is skipped
 (counted in `Capture.recomputed`). That is exact: with non-reentrant checkpointing (use_reentrant=False) the backward
-runs through the graph of the first forward, so the output-gradient hooks registered there receive the true e, and the
+runs through the graph of the first forward, so the gradients of the outputs recorded there are the true e, and the
 recomputed forward is the same function of the same inputs (dropout off). Reentrant checkpointing (use_reentrant=True)
 runs the first forward without a graph: the capture refuses it, naming that reason (theory/precision.md, section 5).
 

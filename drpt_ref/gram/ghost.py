@@ -1,8 +1,8 @@
 """Ghost Gram: exact per-unit gradient inner products from ONE backward, never forming g_u in full.
 
-Hooks on every covered linear layer keep its input a (R, T, d_in) and its output gradient
-e = d(sum_u loss_u) / dY (R, T, d_out) during one forward/backward of the SUMMED per-unit losses over
-the concatenated batch [general; target]. Because the losses are summed, the e of unit u's rows
+Forward hooks on every covered linear layer keep its input a (R, T, d_in) and its output Y, whose gradient
+e = d(sum_u loss_u) / dY (R, T, d_out) one torch.autograd.grad then returns, in one forward/backward of the SUMMED
+per-unit losses over the concatenated batch [general; target]. Because the losses are summed, the e of unit u's rows
 is exactly d loss_u / d Y_u (units share no rows), and padded tokens get e = 0 (section 4 of
 theory/gram.md). A unit's layer gradient is then g_u = sum_{t in u} e_t a_t^T (+ bias sum_t e_t),
 eq. (3), and per layer either
@@ -60,7 +60,8 @@ class Capture:
 
 @contextmanager
 def _linear_hooks(layers: list[CoveredLayer]):
-    """Register input/output-gradient hooks on the layers; always removed on exit. Yields (a, e, state) dicts.
+    """Register forward hooks on the layers (keep the input a and the output); always removed on exit. Yields (a, e,
+    state) dicts; e is filled by `capture` from torch.autograd.grad on the kept outputs.
 
     Set state["backward"] = True before the backward: a layer that runs after that is a checkpointing recomputation
     (gram/checkpointing.py) and is counted in state["recomputed"], not recorded.
@@ -86,13 +87,7 @@ def _linear_hooks(layers: list[CoveredLayer]):
             x = inputs[0].detach()  # (R, T, d_in)
             cast = autocast_dtype(x)
             a[name] = x if cast is None else x.to(cast)  # under autocast: the input the layer multiplied
-            e[name] = torch.zeros_like(output.detach())  # (R, T, d_out); stays 0 if no loss depends on it
-            state["outputs"][name] = output
-
-            def grad_hook(grad):
-                e[name] = grad.detach()  # (R, T, d_out)
-
-            output.register_hook(grad_hook)
+            state["outputs"][name] = output  # its gradient e is asked of autograd after the forward (`capture`)
 
         return forward_hook
 
@@ -123,9 +118,8 @@ def capture(model, unit_loss, general: RowBatch, target: RowBatch) -> Capture:
         # of the layer outputs, not the weights: autograd then skips every weight-gradient product (2 N p FLOPs,
         # a third of the backward), which the update forms from a and e anyway (theory/step_cost.md, eq. (2)).
         outputs = [state["outputs"][ly.name] for ly in layers]
-        for ly, g in zip(layers, torch.autograd.grad(losses.sum(), outputs, allow_unused=True)):
-            if g is not None:
-                e[ly.name] = g.detach()  # (R, T, d_out), the value the output hook also saw
+        for ly, y, g in zip(layers, outputs, torch.autograd.grad(losses.sum(), outputs, allow_unused=True)):
+            e[ly.name] = torch.zeros_like(y.detach()) if g is None else g  # (R, T, d_out); 0 if no loss uses it
     for ly in layers:
         check_finite_capture(ly.name, a[ly.name], "input")
         check_finite_capture(ly.name, e[ly.name], "output gradient")

@@ -81,14 +81,14 @@ def method_params(method: str, knobs: Knobs, K, b, c) -> dict:
     B, n = b.shape
     tiny = torch.finfo(b.dtype).tiny
     if method == "mix":
-        return {"lam": torch.full((B,), knobs.lam, dtype=b.dtype)}
+        return {"lam": torch.full((B,), knobs.lam, dtype=b.dtype, device=b.device)}
     if method == "ball":
         dist = (c - 2 * b.mean(-1) + K.sum((-2, -1)) / n**2).clamp_min(0).sqrt()  # (B,) ||g_T - mean||
         return {"radius": knobs.radius_rel * dist}
     if method == "topk":
-        return {"k": torch.full((B,), int(min(max(round(knobs.k), 1), n)), dtype=torch.long)}
+        return {"k": torch.full((B,), int(min(max(round(knobs.k), 1), n)), dtype=torch.long, device=b.device)}
     if method == "capped_simplex":
-        return {"k": torch.full((B,), min(max(knobs.k, 1.0), float(n)), dtype=b.dtype)}
+        return {"k": torch.full((B,), min(max(knobs.k, 1.0), float(n)), dtype=b.dtype, device=b.device)}
     if method == "softmax":
         spread = (b.amax(-1) - b.amin(-1)).clamp_min(tiny)  # (B,)
         return {"tau": knobs.tau_rel * spread}

@@ -46,7 +46,9 @@ def make_batches(cfg, step: int, tok, model, ref_model, target_set, pool):
     (distributed/ranks.py, eq. (1) in theory/distributed.md; GRPO samples with a stream of its rank); the units
     returned are all n drawn, in the order of the step's weights."""
     ranks = current_ranks()
-    gen_draw, gen_sample = step_generator(cfg.seed, step, 0), rank_generator(step_generator(cfg.seed, step, 1), ranks)
+    gen_draw = step_generator(cfg.seed, step, 0)
+    # GRPO / HPT sample on the model's device from a generator there (no host copy per token, data/sampling.py)
+    gen_sample = rank_generator(step_generator(cfg.seed, step, 1, device=cfg.device), ranks)
     general = draw(pool, cfg.n_general, gen_draw)
     target = draw(target_set, cfg.m_target, gen_draw)
     g_batch = build_batch(cfg, tok, model, ref_model, local_units(general, ranks), gen_sample)  # general first

@@ -12,8 +12,10 @@ randomly initialised GPT-2 of the shape of --model (n_positions raised to the lo
 
 Runs are interleaved (each repeat runs every config once; the median per phase is kept), so that load
 from other processes falls on all configs alike; each config's total is printed as a ratio to the
-standard step, with the peak memory of the step over the memory before it (CPU: the process's peak
-resident set, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). A second
+standard step. The timed runs keep freed host memory mapped, as drpt train does (training/host_memory.py); the peak
+memory of the step over the memory before it is taken in one more, untimed run of each config (CPU: the process's
+peak resident set, reset through /proc/self/clear_refs, with freed blocks unmapped during that run so that the
+resident set follows the tensors; CUDA: torch.cuda.max_memory_allocated). A second
 table times the two exact ghost forms on the same capture, the token-pair form against materialized
 per-unit layer gradients (gram_from_capture with ghost_mode "pair" / "materialize"), as T grows: where
 one overtakes the other, against the cost rule 2 T_u^2 <= d_in d_out (eq. (5) in theory/gram.md).
@@ -48,6 +50,7 @@ from drpt_ref.losses.sft import SFTLoss
 from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
 from drpt_ref.training import dr_step as dr_step_module
 from drpt_ref.training.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
+from drpt_ref.training.host_memory import retain_freed_memory
 
 ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
 
@@ -137,6 +140,8 @@ class PeakMemory:
         self.device, self.mb = device, float("nan")
 
     def __enter__(self):
+        if self.device.type != "cuda":  # the resident set follows the tensors only while freed blocks are unmapped:
+            _pin_mmap_threshold()  # a measuring pass, never timed; __exit__ restores the timed runs' setting
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -156,6 +161,7 @@ class PeakMemory:
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
         else:
             self.mb = max(0, _status_kb("VmHWM") * 1024 - self.base) / 2**20
+            retain_freed_memory()  # back to what drpt train runs with (training/host_memory.py)
         return False
 
 
@@ -176,14 +182,19 @@ def standard_step(model, optimizer, unit_loss, general: RowBatch) -> dict:
 
 
 def time_run(step_fn, device) -> dict:
-    """Seconds per phase, total and peak MB of one run of step_fn."""
+    """Seconds per phase and total of one run of step_fn (host memory as drpt train keeps it)."""
     _sync(device)
+    t0 = time.perf_counter()
+    sec = step_fn()
+    _sync(device)
+    return sec | {"total": time.perf_counter() - t0}
+
+
+def peak_run(step_fn, device) -> float:
+    """Peak MB of one run of step_fn, in a pass of its own (on a CPU, measuring unmaps freed blocks: not timed)."""
     with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        sec = step_fn()
-        _sync(device)
-        sec["total"] = time.perf_counter() - t0
-    return sec | {"peak_mb": mem.mb}
+        step_fn()
+    return mem.mb
 
 
 def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, sketch_dim) -> dict:
@@ -218,12 +229,13 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, rates:
     for fn in fns:
         fn()  # warm-up
     runs = [[time_run(fn, device) for fn in fns] for _ in range(args.repeat)]  # (repeat, configs)
+    peaks = [peak_run(fn, device) for fn in fns]  # after the timed runs, in a pass of its own
     rows = []
     for i, (method, engine) in enumerate([("standard", "-")] + configs):
         mine = [rep[i] for rep in runs]
         rows.append(dict(n=n, T=T, m=m, shape=shape, method=method, engine=engine,
                          **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
-                         peak_mb=max(r["peak_mb"] for r in mine),
+                         peak_mb=peaks[i],
                          floor=floors["standard" if method == "standard" else "dr"]))
     base = rows[0]["total"]
     for r in rows:
@@ -288,7 +300,7 @@ def run(args) -> int:
     if args.repeat < 1 or args.m_target < 1:
         raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
     torch.set_num_threads(args.threads)
-    _pin_mmap_threshold()
+    retain_freed_memory()  # as drpt train (cli.py): freed host blocks stay mapped between steps
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     grid = parse_cells(args.grid or ("4x16,8x32" if args.quick else "8x32,16x32,32x32,8x128,32x128"), "--grid",
                        args.m_target)
@@ -334,9 +346,11 @@ def run(args) -> int:
         f"- model: random GPT-2 of the shape of {args.model} (n_layer {c.n_layer}, n_embd {c.n_embd}, n_head "
         f"{c.n_head}, vocab {c.vocab_size}, n_positions {c.n_positions}); synthetic SFT rows of T tokens, loss on "
         f"the second half; m = {args.m_target} target units; AdamW; batched solver; default knobs",
-        f"- median of {args.repeat} runs after a warm-up; peak MB = "
+        f"- median of {args.repeat} runs after a warm-up, freed host memory kept mapped as in drpt train "
+        "(training/host_memory.py); peak MB in one more untimed run = "
         + ("torch.cuda.max_memory_allocated over the step" if device.type == "cuda" else
-           "peak resident set over the step (VmHWM after /proc/self/clear_refs), a process-level measure"),
+           "peak resident set over the step (VmHWM after /proc/self/clear_refs, freed blocks unmapped in that run), "
+           "a process-level measure"),
         "- standard = forward/backward of the mean general loss + optimizer (no capture, no target batch); the "
         "Dr phases are dr_step's: capture (fwd+bwd over n + m units), Gram, solve, update (assembly + optimizer)"
         + ("; on CUDA every phase boundary is synchronized (dr_step's phase_clock)" if device.type == "cuda" else ""),

@@ -1,0 +1,48 @@
+"""training/host_memory.py: freed host blocks stay mapped, so a step's large tensors cost no page faults the next time.
+
+Measured in a fresh process (the setting is process-wide): the minor page faults of allocating and filling an 8 MB
+tensor ten times, with glibc's threshold pinned at 128 KiB (every block mmapped, unmapped on free, zero-filled again
+by the kernel: about 2,000 faults per round) and after retain_freed_memory (the block is reused: almost none).
+"""
+
+import ctypes.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from drpt_ref.training.host_memory import retain_freed_memory
+
+PROBE = r"""
+import ctypes, json, resource, sys, torch
+from drpt_ref.training.host_memory import retain_freed_memory
+ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # pinned: every block >= 128 KiB mmapped, unmapped on free
+
+def faults_per_round():
+    for _ in range(30):  # warm-up: the heap grows to hold the block once
+        torch.ones(2 * 2**20)  # 8 MB, freed at once
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.ones(2 * 2**20)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10
+
+pinned = faults_per_round()
+ok = retain_freed_memory()
+print(json.dumps({"pinned": pinned, "retained": faults_per_round(), "ok": ok}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "libc" not in str(ctypes.util.find_library("c")),
+                    reason="glibc's mallopt only")
+def test_retained_blocks_are_not_faulted_in_again():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["ok"] is True
+    assert got["pinned"] > 1000  # 8 MB / 4 KiB pages = 2048 zero-filled pages per round
+    assert got["retained"] < 50, got
+
+
+def test_limit_is_checked():
+    with pytest.raises(ValueError, match="limit"):
+        retain_freed_memory(1000)
