@@ -298,11 +298,10 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
             alpha, w, objective, converged = broadcast_solution(ranks, alpha, w, objective, converged)
         got = read(losses[:n].mean(), losses[n:].mean(), objective, alpha, w, converged, c)
     clock.append(phase_clock(device))
-    coef_alpha, coef_w = (alpha, w) if per_layer else (alpha[0], w[0])
-    alpha_r, w_r = alpha, w
-    if ranks is not None:  # this rank's share of d, eq. (3) in theory/distributed.md
-        coef_alpha, coef_w = local_coefficients(ranks, G.info["shares"], coef_alpha, coef_w)
+    alpha_r, w_r = alpha, w  # (B,), (B, n_r): under torch.distributed this rank's share of d, eq. (3) in distributed.md
+    if ranks is not None:
         alpha_r, w_r = local_coefficients(ranks, G.info["shares"], alpha, w)
+    coef_alpha, coef_w = (alpha_r, w_r) if per_layer else (alpha_r[0], w_r[0])
     update = assemble_update(cap, coef_alpha, coef_w)  # step 4: name -> d
     if uncovered:  # --train-uncovered: the same (alpha, w) outside the Gram, eq. (3) in theory/lora.md
         update.update(uncovered_update(model, unit_loss, general, target, alpha_r, w_r, uncovered, autocast))

@@ -32,6 +32,7 @@ import tempfile
 import torch
 
 from drpt_ref.distributed.ranks import COMMS, current_ranks, share
+from drpt_ref.experiments.bench.command import add_model_run_flags
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.experiments.bench.step import make_model, token_batch
 from drpt_ref.flags import write_output
@@ -47,12 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--comms", default="auto,tokens,units", help=f"comma-separated forms, of {COMMS}")
     parser.add_argument("--n-general", type=int, default=16, help="general units per step (over all ranks)")
     parser.add_argument("--m-target", type=int, default=4, help="target units per step (over all ranks)")
-    parser.add_argument("--sketch-dim", type=int, default=32, help="sketch Gram: projection dimension")
-    parser.add_argument("--model", default="small_models/gpt2-tiny", help="folder whose config gives the shape")
-    parser.add_argument("--repeat", type=int, default=3, help="timed steps per cell (the median is kept)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    parser.add_argument("--out", default=None, help="also write the table as markdown to this file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_run_flags(parser, "steps per cell")
 
 
 def check_args(args) -> tuple[list[int], list[int], list[str], list[str]]:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, GPT2LMHeadModel
 
 from drpt_ref.core.methods import METHODS
+from drpt_ref.experiments.bench.command import add_model_run_flags
 from drpt_ref.experiments.bench.floor import floor_table, machine_rates, model_counts, phase_floors
 from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
 from drpt_ref.experiments.bench.solvers import cpu_name
@@ -58,22 +59,17 @@ ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with eve
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds)")
-    parser.add_argument("--grid", default=None, help="comma-separated NxT or NxTxM cells (default "
-                        "8x32,16x32,32x32,8x128,32x128)")
+    parser.add_argument("--grid", default=None, help="comma-separated NxT or NxTxM cells (None: "
+                        "8x32,16x32,32x32,8x128,32x128; with --quick 4x16,8x32)")
     parser.add_argument("--crossover", default=None, help="NxT1:T2:... cells of the pair/materialize table "
-                                                          "(default 16x16:32:64:128:256)")
+                                                          "(None: 16x16:32:64:128:256; with --quick 4x8:16:32)")
     parser.add_argument("--m-target", type=int, default=4, help="target units per step")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated Dr methods (ghost Gram)")
     parser.add_argument("--gram-methods", default="simplex",
                         help="methods also run with the ghost-mat (materialize forced), exact and sketch Gram")
-    parser.add_argument("--sketch-dim", type=int, default=32, help="sketch Gram: projection dimension")
-    parser.add_argument("--model", default="small_models/gpt2-tiny", help="folder whose config gives the shape")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per config (the median is kept)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_run_flags(parser, "runs per config")
     parser.add_argument("--shapes", default="", help="comma-separated realistic shapes built from configs, also "
-                        "benchmarked: " + ", ".join(SHAPES) + " (default none)")
+                        "benchmarked: " + ", ".join(SHAPES) + " ('': none)")
     parser.add_argument("--shape-grid", default="8x512x1,16x512",
                         help="NxT or NxTxM cells (M target units, default --m-target) of the --shapes")
     parser.add_argument("--shape-methods", default="capped_simplex", help="Dr methods on the --shapes (ghost Gram)")
