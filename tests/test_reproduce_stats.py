@@ -125,3 +125,47 @@ def test_a_baseline_that_is_target_only_seed_by_seed_is_named_so():
     assert not stats.same_runs(stats.rows_by_seed(other, "loss")[("hpt", "hpt")], by_seed[("hpt", "target")])
     table = report.markdown_table(report.table_rows(by_seed, "loss"), "loss")
     assert "| target (early-stopped) | endpoint | 3 |" in table and "| n/a |" in table
+
+
+def test_weights_figure_legend_lists_exactly_the_lines_drawn():
+    """weights.png: each panel's legend names exactly the curves it draws. GRPO runs log no wrong add3_noisy
+    sample (their units are prompts), so their panels have no such line and no such legend entry; the SFT
+    panels have both. Each drawn curve is the mean over seeds and the group's sources, computed here by hand."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from drpt_ref.experiments.reproduce import report
+
+
+    def weights(paradigm, seed):  # as run.weights_by_source stores them: {"steps", source: [value or None]}
+        w = {"steps": [5, 10], "add2": [1.0 + seed, 2.0], "carry": [0.5, None], "copy": [1.5, 1.0],
+             "reverse": [0.2, 0.4 + seed], "sort": [0.6, 0.8], "add3_rev": [None, 0.3],
+             "add3_noisy (right)": [1.2, 1.1]}
+        if paradigm == "sft":
+            w["add3_noisy (wrong)"] = [0.1 * (seed + 1), 0.05]
+        return w
+
+    runs = [_run(p, row, s, [_eval(10, 0.5, 0.5)], weights=weights(p, s))
+            for p, rows in (("sft", ("simplex", "less")), ("grpo", ("capped_simplex", "random"))) for row in rows
+            for s in range(2)]
+    fig = report.plot_weights(stats.rows_by_seed(runs, "accuracy"), ["sft", "grpo"], "accuracy")
+    try:
+        panels = [ax for ax in fig.axes if ax.get_title()]
+        assert len(panels) == 4
+        for ax in panels:
+            drawn = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+            assert all(np.isfinite(ln.get_ydata().astype(float)).any() for ln in drawn.values())  # each one visible
+            legend = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert sorted(legend) == sorted(drawn)  # every entry is a line drawn, every line has its entry
+            expected = set(report.SOURCE_GROUPS) - ({"add3_noisy, wrong answer"} if "grpo" in ax.get_title() else set())
+            assert set(drawn) == expected, ax.get_title()
+            helpful = drawn["helpful (add2, carry, copy)"].get_ydata()  # seeds 0, 1: add2 1|2, carry 0.5, copy 1.5
+            assert list(helpful) == pytest.approx([np.mean([1, 0.5, 1.5, 2, 0.5, 1.5]), np.mean([2, 1, 2, 1])])
+            rev = drawn["add3_rev (reversed format)"].get_ydata()  # None in the first window: a gap, not a 0
+            assert math.isnan(rev[0]) and rev[1] == pytest.approx(0.3)
+        wrong = [ln for ax in panels for ln in ax.get_lines() if ln.get_label() == "add3_noisy, wrong answer"]
+        assert len(wrong) == 2 and list(wrong[0].get_ydata()) == pytest.approx([0.15, 0.05])
+    finally:
+        plt.close(fig)

@@ -54,3 +54,77 @@ def test_reading_the_stop_less_often_changes_no_completion():
     lengths = {len(ids) for group in runs[0][1] for ids in group}
     assert len(lengths) >= 3 and max(lengths) < 30  # rows end at different steps, all before the limit
     assert runs[0] == runs[1] == runs[2]
+
+
+def _uncached(model, tok, prompts, group_size, max_new_tokens, temperature, generator):
+    """The reference decode: no KV cache, each step the whole left-padded sequence; a draw from softmax(logits / T)
+    (temperature None: argmax); ended rows emit <eos>; each row cut at its first <eos>."""
+    from drpt_ref.data.tokenizer import encode_prompts
+
+    batch = encode_prompts(tok, [p for p in prompts for _ in range(group_size)])
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]  # (R, T)
+    eos, done = tok.eos_token_id, torch.zeros(ids.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]  # (R, V)
+            if temperature is None:
+                nxt = logits.argmax(dim=-1)  # (R,)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits.double() / temperature, -1), 1, generator=generator)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            done |= nxt == eos
+            ids = torch.cat([ids, nxt[:, None]], dim=1)  # (R, T + s + 1)
+            mask, pos = torch.cat([mask, torch.ones_like(nxt[:, None])], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
+    rows = ids[:, batch["input_ids"].shape[1]:].tolist()  # (R, max_new_tokens)
+    rows = [r[:r.index(eos)] if eos in r else r for r in rows]
+    return [rows[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
+
+
+def test_decoding_uses_the_kv_cache_under_its_current_name_without_a_deprecation_warning():
+    """transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, FutureWarning and its
+    logger): one sampling call and one greedy decoding raise no warning about the cache, and the cache is really
+    used (a keyword the model ignored would drop the context): the tokens equal those of decoding without a cache,
+    the whole sequence every step (float64)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from drpt_ref.training.evaluate import greedy_ids
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)  # weights large enough that the context decides the tokens; <eos> raised: rows end apart
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = _EosLeaning(GPT2LMHeadModel(cfg).eval().double(), tok.eos_token_id, 1.0)
+    prompts = ["12+34=", "5+6=", "987+12="]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.warning_once.cache_clear()  # a once-only warning already given elsewhere would hide here
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampled = sample_completions(model, tok, prompts, 3, 10, 1.0, step_generator(5, 1))[1]
+            greedy = greedy_ids(model, tok, prompts, 10, batch_size=2)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in said if "past_key_values" in m or "cache" in m.lower()], said
+    reference = _uncached(model, tok, prompts, 3, 10, 1.0, step_generator(5, 1))
+    greedy_reference = [g[0] for g in _uncached(model, tok, prompts, 1, 10, None, None)]
+    assert sampled == reference and greedy == greedy_reference
+    assert len({len(ids) for group in sampled for ids in group}) > 2 and len(set(map(len, greedy))) > 1  # end apart
+
+    class Forget(torch.nn.Module):  # a model that takes the cache and drops it: the comparison must see that
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, cache=None, past_key_values=None, **kw):
+            return self.inner(**kw)
+
+    forget = Forget(model)
+    assert sample_completions(forget, tok, prompts, 3, 10, 1.0, step_generator(5, 1))[1] != reference
+    assert greedy_ids(forget, tok, prompts, 10, batch_size=2) != greedy_reference

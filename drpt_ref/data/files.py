@@ -21,10 +21,11 @@ an import path `package.module:function`, imported with importlib (never exec), 
 f(prompt, completion) -> float, with the prompt as the file holds it (text or messages) and the
 completion as decoded text.
 
+    read_data_file(path, flag)                 -> DataFile(path, flag, table, sha256): the file read once
     read_table(path, flag)                     -> datasets.Dataset   (the format from the extension)
     check_columns(path, flag, kind, role, source_column)             the columns a role needs, or ValueError
     load_reward_fn(spec, flag)                 -> the callable
-    read_units(path, flag, kind, role, tok, ...)   -> list of units
+    read_units(path, flag, kind, role, tok, ..., table=None)   -> list of units (of `table` if given)
 
 Shapes: no tensors; ids are tuples of ints.
 """
@@ -32,7 +33,9 @@ Shapes: no tensors; ids are tuples of ints.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
+import io
 import math
 import numbers
 import os
@@ -90,9 +93,26 @@ class IdsPrompt(RLPrompt):
         return float(value)
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A data file read once: its rows (`table`, a datasets.Dataset) and the sha256 of the bytes they were read
+    from, which config.json stores (data_sha256) so that --resume refuses a file that changed since."""
+
+    path: str
+    flag: str
+    table: object = field(repr=False)
+    sha256: str
+
+
 def read_table(path: str, flag: str):
-    """The rows of a data file as a datasets.Dataset, its format from the extension (.jsonl/.json, .parquet,
-    .csv). ValueError naming `flag` for a missing file, an unknown extension, or a file that does not parse."""
+    """The rows of a data file as a datasets.Dataset (read_data_file's table)."""
+    return read_data_file(path, flag).table
+
+
+def read_data_file(path: str, flag: str) -> DataFile:
+    """A data file's rows as a datasets.Dataset, its format from the extension (.jsonl/.json, .parquet, .csv),
+    and the sha256 of its bytes, read once. ValueError naming `flag` for a missing file, an unknown extension,
+    or a file that does not parse."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path!r}: no such file; pass a .jsonl, .parquet or .csv file.")
     ext = os.path.splitext(path)[1].lower()
@@ -102,13 +122,19 @@ def read_table(path: str, flag: str):
         import datasets
     except ImportError:
         raise ValueError(f"{flag} needs the `datasets` library: pip install 'drpt_ref[data]'.") from None
+    try:
+        with open(path, "rb") as f:  # the one read of the bytes: their sha256, and a CSV file's header
+            raw = f.read()
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r} could not be read as {FORMATS[ext]} ({type(err).__name__}: "
+                         f"{str(err)[:200]}); fix the file.") from None
     kw = {}
     if ext == ".csv":  # every cell is text, read as written (pandas would turn " 57" into the number 57)
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            header = next(csv.reader(f), [])
+        text = io.TextIOWrapper(io.BytesIO(raw), newline="", encoding="utf-8", errors="replace")
+        header = next(csv.reader(text), [])
         kw = dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
                   keep_default_na=False)
-    if os.path.getsize(path) == 0:
+    if not raw:
         raise ValueError(f"{flag} {path!r} is empty (0 bytes); it must hold at least one row.")
     try:
         table = datasets.load_dataset(FORMATS[ext], data_files=os.path.abspath(path), split="train", **kw)
@@ -117,7 +143,7 @@ def read_table(path: str, flag: str):
                          f"{str(err)[:200]}); fix the file.") from None
     if len(table) == 0:
         raise ValueError(f"{flag} {path!r} holds no rows.")
-    return table
+    return DataFile(path, flag, table, hashlib.sha256(raw).hexdigest())
 
 
 def columns_of(kind: str, role: str, names) -> tuple[str, ...] | None:
@@ -183,13 +209,13 @@ def _prompt_and_answers(row: dict, cols: tuple[str, ...], where: str):
 
 
 def read_units(path: str, flag: str, kind: str, role: str, tok, *, max_length: int | None,
-               source_column: str = "source", reward_fn=None, max_new_tokens: int = 0) -> list:
+               source_column: str = "source", reward_fn=None, max_new_tokens: int = 0, table=None) -> list:
     """The units of one file, encoded with `tok`, each row cut to `max_length` tokens (None: no cut) by eq. (4)
     of theory/own_data.md; a GRPO prompt (and a held-out one) keeps its last max_length - max_new_tokens - 1
     tokens, room for the sampled completion and <eos>. Target units are labelled source 'target', held-out ones
     'eval', general ones by their source column. ValueError naming `flag` and the row for a value that cannot
-    be encoded."""
-    table = read_table(path, flag)
+    be encoded. `table`: the file's rows already read (read_data_file), else they are read here."""
+    table = read_table(path, flag) if table is None else table
     cols = check_columns(table, path, flag, kind, role, source_column)
     group = "general" if role == "general" else "target"
     units = []

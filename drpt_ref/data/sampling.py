@@ -20,11 +20,24 @@ Shapes:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from drpt_ref.data.tokenizer import encode_prompts
 
 STOP_CHECK_EVERY = 8  # GPU: decoding steps between host reads of "every row ended" (each read waits for the device)
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword, and output field, of the KV cache: 'cache' where transformers names it so (5.x renamed
+    `past_key_values`, which now warns), else 'past_key_values'. Read from the first module whose forward names
+    either (a peft or other wrapper passing keywords through is looked into)."""
+    for module in model.modules():
+        params = inspect.signature(module.forward).parameters
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
 
 
 def sample_groups(model, tok, prompts: list[str], group_size: int, max_new_tokens: int,
@@ -55,11 +68,11 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
     batch = {k: v.to(device) for k, v in encode_prompts(tok, rows).items()}
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]  # (B*G, T)
     eos = tok.eos_token_id
-    past, steps = None, []
+    past, steps, cache = None, [], cache_keyword(model)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B*G,)
     every = stop_check_every or (1 if device.type == "cpu" else STOP_CHECK_EVERY)  # steps between host reads
     for s in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache: past})
         probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)  # (B*G, V) float64: reproducible
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B*G,) drawn on the device
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting <eos>
@@ -67,7 +80,7 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
         done |= nxt == eos
         if (s + 1) % every == 0 and bool(done.all()):  # one host read per `every` tokens
             break
-        past = out.past_key_values
+        past = getattr(out, cache)
         ids = nxt[:, None]  # (B*G, 1)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B*G, T + s)
         pos = pos[:, -1:] + 1  # (B*G, 1)

@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from drpt_ref.data.sampling import cache_keyword
 from drpt_ref.data.tasks import get_task, task_names
 from drpt_ref.data.tokenizer import IGNORE, encode_prompts, encode_sft, encode_sft_ids, prepare_tokenizer
 from drpt_ref.flags import check_device, check_out_path, check_positive_ints
@@ -58,7 +59,7 @@ def greedy_ids(model, tok, prompts: list, max_new_tokens: int = MAX_NEW_TOKENS,
                batch_size: int = 256) -> list[list[int]]:
     """The greedy completion's ids of each prompt (text or token ids), before the first <eos>."""
     device = next(model.parameters()).device
-    eos = tok.eos_token_id
+    eos, cache = tok.eos_token_id, cache_keyword(model)  # the KV cache's keyword: 'cache' (transformers 5.x) or not
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(device) for k, v in encode_prompts(tok, prompts[start:start + batch_size]).items()}
@@ -66,14 +67,13 @@ def greedy_ids(model, tok, prompts: list, max_new_tokens: int = MAX_NEW_TOKENS,
         past, steps = None, []
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B,)
         for _ in range(max_new_tokens):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                        use_cache=True)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache: past})
             nxt = res.logits[:, -1].argmax(dim=-1)  # (B,)
             steps.append(nxt)
             done |= nxt == eos
             if bool(done.all()):
                 break
-            past = res.past_key_values
+            past = getattr(res, cache)
             ids = nxt[:, None]  # (B, 1)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B, T + s)
             pos = pos[:, -1:] + 1  # (B, 1)

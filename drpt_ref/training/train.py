@@ -149,17 +149,20 @@ class TrainConfig:
     max_length: int = 0  # files: tokens per row; prompt cut from the left, completion from the right (0 = model's)
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse a TrainConfig that cannot train, naming the flag: its settings (check_settings), then --out."""
-    check_settings(cfg)
+def check_config(cfg: TrainConfig) -> dict:
+    """Refuse a TrainConfig that cannot train, naming the flag: its settings (check_settings), then --out; returns
+    check_settings' data files."""
+    files = check_settings(cfg)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
     check_out_folder(cfg.out, "train", model=cfg.model, reuse=cfg.resume or cfg.overwrite)
+    return files
 
 
-def check_settings(cfg: TrainConfig) -> None:
+def check_settings(cfg: TrainConfig) -> dict:
     """Refuse settings that cannot train, naming the flag: everything but the --out folder (which `drpt
-    reproduce` checks itself before any of its runs starts)."""
+    reproduce` checks itself before any of its runs starts). Returns {flag: DataFile} of the --target-data,
+    --general-data and --eval-data files, each read once ({} on the suite: training/train_data.py)."""
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
     check_method_config(cfg)  # the method name and its rule's parameters
@@ -173,7 +176,7 @@ def check_settings(cfg: TrainConfig) -> None:
     if not cfg.target_data and (cfg.m_target > cfg.target_size or cfg.n_general > cfg.pool_size):
         raise ValueError("--m-target must be <= --target-size and --n-general <= --pool-size (units are drawn "
                          "without replacement).")
-    check_data_flags(cfg)  # --target-data and the other file flags (training/train_data.py)
+    files = check_data_flags(cfg)  # --target-data and the other file flags, read once (training/train_data.py)
     if cfg.paradigm in ("grpo", "hpt") and cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 for {cfg.paradigm} (with one completion every group-relative "
                          "advantage is 0 and nothing trains).")
@@ -200,6 +203,7 @@ def check_settings(cfg: TrainConfig) -> None:
     check_lora_settings(cfg)  # --lora-*, --train-uncovered (training/lora.py)
     if cfg.comm not in COMMS:
         raise ValueError(f"--comm {cfg.comm!r} is unknown; use one of {COMMS} (theory/distributed.md, section 2).")
+    return files
 
 
 def unit_loss_of(cfg: TrainConfig):
@@ -248,7 +252,7 @@ def train(cfg: TrainConfig) -> str:
     rank runs this with the same flags: each draws the same units and steps on its share, rank 0 alone writes
     (theory/distributed.md, section 4)."""
     with torchrun_group(cfg.device) as ranks:  # the process group of torchrun's environment (gloo / nccl), or None
-        check_config(cfg)
+        files = check_config(cfg)  # the data files, read once: their rows and sha256 serve _train
         if cfg.resume:
             if find_checkpoint(cfg.out) is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out!r} (the run stopped before its first "
@@ -257,14 +261,14 @@ def train(cfg: TrainConfig) -> str:
         check_run(ranks, cfg.n_general, cfg.m_target, None if cfg.method in dr.METHODS else cfg.method)
         lock = acquire_lock(cfg.out) if ranks is None or ranks.main else None  # one drpt process per run folder
         try:
-            return _train(cfg)
+            return _train(cfg, files)
         finally:
             if lock is not None:
                 release_lock(lock)
 
 
-def _train(cfg: TrainConfig) -> str:
-    config = {**dataclasses.asdict(cfg), DATA_SHA256: data_fingerprint(cfg)}  # changed data files refuse --resume
+def _train(cfg: TrainConfig, files: dict | None = None) -> str:
+    config = {**dataclasses.asdict(cfg), DATA_SHA256: data_fingerprint(cfg, files)}  # changed data refuse --resume
     defaults = {**dataclasses.asdict(TrainConfig()), DATA_SHA256: {}}  # a field the stored config lacks
     run_id = check_resumed_config(cfg.out, config, defaults=defaults) if cfg.resume else new_run_id(config)
     torch.manual_seed(cfg.seed)
@@ -293,7 +297,7 @@ def _train(cfg: TrainConfig) -> str:
         raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({start}); "
                          f"resume with --steps >= {start}.")
     # ---- data and the weight rule (its resumed state checked): before anything in --out changes ------------------
-    data = data_source(cfg, tok, model)  # the suite, or --target-data files (training/train_data.py)
+    data = data_source(cfg, tok, model, files)  # the suite, or --target-data files (training/train_data.py)
     target_set, pool = data.sets()
     unit_loss = unit_loss_of(cfg)
     rule, pool = setup_rule(cfg, tok, model, ref_model, unit_loss, target_set, pool, resumed)

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from drpt_ref.data.files import IdsPrompt, check_columns, load_reward_fn, read_table, read_units
+from drpt_ref.data.files import DataFile, IdsPrompt, check_columns, load_reward_fn, read_data_file, read_units
 from drpt_ref.data.sampling import sample_completions
 from drpt_ref.data.tasks import TARGET, general_pool, get_task
 from drpt_ref.data.tokenizer import IGNORE, encode_sft, encode_sft_ids, encode_text, prepare_tokenizer
@@ -143,16 +143,20 @@ class SuiteData(DataSource):
 class FileData(DataSource):
     """Local files in TRL's conventions (data/files.py): --target-data, --general-data (sources from
     --source-column), --eval-data (the first --eval-n rows), GRPO rewards from --reward-fn; every row encoded
-    once with the model's tokenizer and cut to `max_length` tokens (None: no cut)."""
+    once with the model's tokenizer and cut to `max_length` tokens (None: no cut). `files`: {flag: DataFile} of
+    the files already read (check_data_flags), else each is read here."""
 
-    def __init__(self, cfg, tok, max_length: int | None):
+    def __init__(self, cfg, tok, max_length: int | None, files: dict[str, DataFile] | None = None):
         reward_fn = load_reward_fn(cfg.reward_fn) if cfg.paradigm == "grpo" else None
         kw = dict(max_length=max_length, source_column=cfg.source_column, reward_fn=reward_fn,
                   max_new_tokens=cfg.max_new_tokens)
-        self.target = read_units(cfg.target_data, "--target-data", cfg.paradigm, "target", tok, **kw)
-        self.pool = read_units(cfg.general_data, "--general-data", cfg.paradigm, "general", tok, **kw)
+        read = {flag: f.table for flag, f in (files or {}).items()}
+        self.target = read_units(cfg.target_data, "--target-data", cfg.paradigm, "target", tok,
+                                 table=read.get("--target-data"), **kw)
+        self.pool = read_units(cfg.general_data, "--general-data", cfg.paradigm, "general", tok,
+                               table=read.get("--general-data"), **kw)
         self.held_out = read_units(cfg.eval_data, "--eval-data", cfg.paradigm, "eval", tok,
-                                   **kw)[:cfg.eval_n] if cfg.eval_data else []
+                                   table=read.get("--eval-data"), **kw)[:cfg.eval_n] if cfg.eval_data else []
         self.max_new_tokens = cfg.max_new_tokens
 
     def sets(self) -> tuple[list, list]:
@@ -172,30 +176,34 @@ def context_length(model) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def data_fingerprint(cfg) -> dict[str, str]:
+def data_fingerprint(cfg, files: dict[str, DataFile] | None = None) -> dict[str, str]:
     """{flag: sha256 of the file} of the run's data files and of the --reward-fn module's source; {} on the suite.
-    Stored in config.json, so that --resume refuses data that changed since the run began."""
+    Stored in config.json, so that --resume refuses data that changed since the run began. `files`: {flag:
+    DataFile} of the data files already read (check_data_flags), whose sha256 is taken as it is."""
     import hashlib
     import importlib.util
 
-    files = {f"--{name.replace('_', '-')}": getattr(cfg, name) for name in ("target_data", "general_data", "eval_data")
+    paths = {f"--{name.replace('_', '-')}": getattr(cfg, name) for name in ("target_data", "general_data", "eval_data")
              if getattr(cfg, name)}
     if cfg.reward_fn:
         spec = importlib.util.find_spec(cfg.reward_fn.partition(":")[0])
         if spec is not None and spec.origin and os.path.isfile(spec.origin):
-            files["--reward-fn"] = spec.origin
-    out = {}
-    for flag, path in files.items():
+            paths["--reward-fn"] = spec.origin
+    out, read = {}, files or {}
+    for flag, path in paths.items():
+        if flag in read and read[flag].path == path:
+            out[flag] = read[flag].sha256
+            continue
         with open(path, "rb") as f:
             out[flag] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 
-def data_source(cfg, tok, model) -> DataSource:
+def data_source(cfg, tok, model, files: dict[str, DataFile] | None = None) -> DataSource:
     """The run's data: the suite when cfg.target_data is '', else the files. Makes the tokenizer fit first (a
     missing pad token defaults to eos, with a message: data/tokenizer.py prepare_tokenizer). --max-length 0
     means the model's context length. ValueError naming --model when the tokenizer's ids do not fit the model's
-    embedding (a tokenizer saved with another model)."""
+    embedding (a tokenizer saved with another model). `files`: the data files already read (check_data_flags)."""
     prepare_tokenizer(tok)
     rows = model.get_input_embeddings().num_embeddings
     special = [i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if i is not None]
@@ -209,7 +217,7 @@ def data_source(cfg, tok, model) -> DataSource:
     if cfg.max_length and limit and cfg.max_length > limit:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's context length {limit}; lower it (0 = "
                          "the model's context length).")
-    data = FileData(cfg, tok, cfg.max_length or limit)
+    data = FileData(cfg, tok, cfg.max_length or limit, files)
     for flag, count, units, source in (("--m-target", cfg.m_target, data.target, "--target-data"),
                                        ("--n-general", cfg.n_general, data.pool, "--general-data")):
         if count > len(units):
@@ -218,10 +226,11 @@ def data_source(cfg, tok, model) -> DataSource:
     return data
 
 
-def check_data_flags(cfg) -> None:
+def check_data_flags(cfg) -> dict[str, DataFile]:
     """Refuse data flags that cannot work, naming the flag and the fix: file flags without --target-data, a
     missing or unreadable file, a missing column, a bad --reward-fn import path, a --max-length too short.
-    Reads the files' columns (not yet their tokens: that needs the model's tokenizer)."""
+    Reads each file once and checks its columns (not yet its tokens: that needs the model's tokenizer); returns
+    {flag: DataFile} ({} on the suite), for data_fingerprint and data_source to use without reading again."""
     if cfg.max_length < 0:
         raise ValueError(f"--max-length must be >= 0 (0 = the model's context length), got {cfg.max_length}.")
     if not cfg.target_data:
@@ -230,7 +239,7 @@ def check_data_flags(cfg) -> None:
             flags = ", ".join("--" + f.replace("_", "-") for f in extra)
             raise ValueError(f"{flags} apply to local data files, and --target-data is '' (the built-in suite): "
                              "pass --target-data too, or drop them.")
-        return
+        return {}
     if cfg.paradigm == "hpt":
         raise ValueError("--paradigm hpt runs on the built-in suite only (its gate needs the task's exact "
                          "verifier): drop --target-data, or use --paradigm sft, dpo or grpo.")
@@ -258,5 +267,8 @@ def check_data_flags(cfg) -> None:
     if cfg.max_length == 1:
         raise ValueError("--max-length 1 leaves no room for a completion; use >= 2 (0 = the model's context).")
     files = [("--target-data", cfg.target_data, "target"), ("--general-data", cfg.general_data, "general")]
+    read = {}
     for flag, path, role in files + ([("--eval-data", cfg.eval_data, "eval")] if cfg.eval_data else []):
-        check_columns(read_table(path, flag), path, flag, cfg.paradigm, role, cfg.source_column)
+        read[flag] = read_data_file(path, flag)
+        check_columns(read[flag].table, path, flag, cfg.paradigm, role, cfg.source_column)
+    return read

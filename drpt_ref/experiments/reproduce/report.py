@@ -258,12 +258,14 @@ def plot_weights(by_seed: dict, paradigms: list[str], metric: str):
         runs = list(by_seed[(paradigm, row)].values())
         for j, (label, names) in enumerate(SOURCE_GROUPS.items()):
             steps, vals = _group_curve(runs, names)
-            ax.plot(steps, vals, color=f"C{j}", lw=1.4, label=label)
+            if any(math.isfinite(v) for v in vals):  # a group these runs never logged (GRPO: no wrong add3_noisy)
+                ax.plot(steps, vals, color=f"C{j}", lw=1.4, label=label)  # is not drawn, nor in the legend
         ax.axhline(1.0, color="gray", ls=":", lw=1)
         ax.set_title(f"{paradigm}: best {'Dr' if kind == 'dr' else 'baseline'} `{row}`", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("weight / uniform weight")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("mean weight of a general unit by source, relative to standard training's (1, dotted); mean over "
