@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 from drpt_ref.distributed.ranks import COMMS, current_ranks, share
-from drpt_ref.experiments.bench.command import add_model_run_flags
+from drpt_ref.experiments.bench.run_flags import add_model_run_flags
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.experiments.bench.step import make_model, token_batch
 from drpt_ref.flags import write_output

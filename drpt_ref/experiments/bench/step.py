@@ -40,8 +40,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, GPT2LMHeadModel
 
 from drpt_ref.core.methods import METHODS
-from drpt_ref.experiments.bench.command import add_model_run_flags
 from drpt_ref.experiments.bench.floor import floor_table, machine_rates, model_counts, phase_floors
+from drpt_ref.experiments.bench.run_flags import add_model_run_flags
 from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.flags import write_output
