@@ -25,8 +25,46 @@ from drpt_ref.core.methods import check_scalar_param, fill_params
 from drpt_ref.deferred import in_scope, require
 
 
-def check_batch(K, b, c, validate: str = "cheap"):
-    """Refuse bad (K, b, c) with the messages of `check_gram`; return them as one dtype and device."""
+def cheap_flags(K, b, c):
+    """The cheap tests of eq. (15)-(15''), on the device, as one (7,) bool tensor (NaN/inf in K, b, c; asymmetry;
+    not PSD; b, c not matching K; K not exactly symmetric) and the relative asymmetry (B,). Pure tensor code with
+    no host read, so drpt_ref/batched/compiled.py can compile it (maxima are exact in any order; the two sums of
+    minor_v are the only reductions whose order a compiler may change). K (B, n, n), b (B, n), c (B,)."""
+    d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
+    # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
+    # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
+    asym_K = (K - K.mT).amax((-2, -1))  # (B,) finite iff K is (the division below may overflow on garbage)
+    scale = d.amax(-1).clamp_min(torch.finfo(K.dtype).tiny)  # (B,) the size of K alone, as in check_gram
+    asym = asym_K / scale  # (B,)
+    tol = PSD_RTOL[K.dtype] * (K.shape[-1] + 1)
+    # the 2 x 2 minors through g_T in correlation form, b_i^2 <= c K_ii (1 + tol), in float64 (c K_ii may
+    # over- or underflow in float32); O(B n)
+    b64, c64, d64 = b.double(), c.double().unsqueeze(-1), d.double()  # (B, n), (B, 1), (B, n)
+    cd = c64 * d64.clamp_min(0.0)  # (B, n)
+    minor_b = (b64 * b64 - cd - tol * cd).amax(-1)  # (B,) > 0: a minor is negative
+    # the 2 x 2 minors of K, K_ij^2 <= K_ii K_jj (1 + tol), as |correlation| <= 1 + tol; O(B n^2), eq. (15')
+    inv = torch.where(d64 > 0, d64.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(d64))
+    # max_j (|K_ij| inv_j) inv_i: multiplying by inv_i > 0 (and rounding) is monotone, so it can follow the max
+    row = (K.double().abs() * inv.unsqueeze(-2)).amax(-1)  # (B, n) one pass over K fewer than the outer product
+    minor_K = (row * inv).amax(-1) - 1.0 - tol  # (B,)
+    # Cauchy-Schwarz through g_T at the diagonal Newton point v = b / diag(K): (b^T v)^2 <= c v^T K v, eq. (15'')
+    v = b64 * inv * inv  # (B, n)
+    bv, vKv = (b64 * v).sum(-1), (v * (K.double() @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)  # (B,)
+    minor_v = bv * bv - c64.squeeze(-1) * vKv * (1.0 + tol)  # (B,) > 0: [[c, b^T], [b, K]] is not PSD
+    return torch.stack([
+        ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
+        (asym > SYMMETRY_RTOL[K.dtype]).any(),
+        (d.amin(-1) / scale < -tol).any() | (minor_K > 0).any(),
+        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any() | (minor_v > 0).any(),
+        (asym > 0).any(),
+    ]), asym
+
+
+def check_batch(K, b, c, validate: str = "cheap", flags_fn=None):
+    """Refuse bad (K, b, c) with the messages of `check_gram`; return them as one dtype and device.
+
+    flags_fn: the function computing `cheap_flags` (None: cheap_flags itself; compiled.py passes its compiled copy)."""
+    flags_fn = cheap_flags if flags_fn is None else flags_fn
     for name, x in (("K", K), ("b", b), ("c", c)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch tensor for project_batched (use drpt_ref.project for numpy).")
@@ -54,32 +92,7 @@ def check_batch(K, b, c, validate: str = "cheap"):
         return K, b, c
     if validate != "cheap":
         raise ValueError(f"validate={validate!r} must be 'cheap' (O(B n^2)) or 'full' (eigenvalues, O(B n^3)).")
-    d = K.diagonal(dim1=-2, dim2=-1)  # (B, n)
-    # one pass over K: K - K^T is antisymmetric, so its max is its max |.|; NaN or inf anywhere in K
-    # makes it NaN or inf (the diagonal gives inf - inf). For a PSD K, max |K_ij| = max K_ii (eq. (15)).
-    asym_K = (K - K.mT).amax((-2, -1))  # (B,) finite iff K is (the division below may overflow on garbage)
-    scale = d.amax(-1).clamp_min(torch.finfo(K.dtype).tiny)  # (B,) the size of K alone, as in check_gram
-    asym = asym_K / scale  # (B,)
-    tol = PSD_RTOL[K.dtype] * (n + 1)
-    # the 2 x 2 minors through g_T in correlation form, b_i^2 <= c K_ii (1 + tol), in float64 (c K_ii may
-    # over- or underflow in float32); O(B n)
-    b64, c64, d64 = b.double(), c.double().unsqueeze(-1), d.double()  # (B, n), (B, 1), (B, n)
-    cd = c64 * d64.clamp_min(0.0)  # (B, n)
-    minor_b = (b64 * b64 - cd - tol * cd).amax(-1)  # (B,) > 0: a minor is negative
-    # the 2 x 2 minors of K, K_ij^2 <= K_ii K_jj (1 + tol), as |correlation| <= 1 + tol; O(B n^2), eq. (15')
-    inv = torch.where(d64 > 0, d64.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(d64))
-    minor_K = (K.double() * inv.unsqueeze(-1) * inv.unsqueeze(-2)).abs().amax((-2, -1)) - 1.0 - tol  # (B,)
-    # Cauchy-Schwarz through g_T at the diagonal Newton point v = b / diag(K): (b^T v)^2 <= c v^T K v, eq. (15'')
-    v = b64 * inv * inv  # (B, n)
-    bv, vKv = (b64 * v).sum(-1), (v * (K.double() @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)  # (B,)
-    minor_v = bv * bv - c64.squeeze(-1) * vKv * (1.0 + tol)  # (B,) > 0: [[c, b^T], [b, K]] is not PSD
-    flags = torch.stack([
-        ~torch.isfinite(asym_K).all(), ~torch.isfinite(b).all(), ~torch.isfinite(c).all(),
-        (asym > SYMMETRY_RTOL[K.dtype]).any(),
-        (d.amin(-1) / scale < -tol).any() | (minor_K > 0).any(),
-        (c < -tol * torch.maximum(scale, c.abs())).any() | (minor_b > 0).any() | (minor_v > 0).any(),
-        (asym > 0).any(),
-    ])
+    flags, asym = flags_fn(K, b, c)  # (7,) bool, (B,)
     messages = [f"{name} contains NaN or inf; check the gradients it was computed from (a diverged loss, or a token "
                 "mask that divides by zero)." for name in "Kbc"] + [
         lambda: (f"K is not symmetric (max |K - K^T| / max K_ii = {asym.max().item():.2e} > "

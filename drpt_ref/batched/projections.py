@@ -60,7 +60,7 @@ def _newton_tau(v, tau, a, h):
 
 
 def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.Tensor,
-                                    exact: bool = True) -> torch.Tensor:
+                                    exact: bool = True, sort=torch.sort) -> torch.Tensor:
     """argmin_z 1/2 ||z - v||^2 s.t. a^T z = 1, 0 <= z <= h (a > 0, a^T h >= 1), eq. (5').
 
     The capped simplex is a = 1, h = u; the solver uses a = 1/sqrt(diag K) (Jacobi scaling, eq. (9)).
@@ -68,15 +68,16 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     breakpoints (v_i - h_i)/a_i (slope -= a_i^2) and v_i/a_i (slope += a_i^2).
     Lower precisions are computed in float64 (O(B n log n), small next to the O(B n^2) gradient):
     in float32 the cumulative sum of slopes a_i^2 spanning decades loses the crossing.
+    sort(x, dim=-1, descending=False) -> values, indices: torch.sort, or the faster CPU sort of compiled.py.
     """
     if v.dtype != torch.float64 and v.device.type != "mps":
-        out = project_weighted_capped_simplex(v.double(), a.double(), h.double(), exact)
+        out = project_weighted_capped_simplex(v.double(), a.double(), h.double(), exact, sort)
         return out.to(v.dtype)  # (B, n)
     a, h = a.expand_as(v), h.expand_as(v)  # views: a and h may broadcast over leading dimensions of v
     points = torch.cat([(v - h) / a, v / a], dim=-1)  # (B, 2n) breakpoints of phi
     a2 = a * a  # (B, n)
     slope_inc = torch.cat([-a2, a2], dim=-1)  # (B, 2n)
-    t, order = torch.sort(points, dim=-1)  # (B, 2n)
+    t, order = sort(points, dim=-1)  # (B, 2n)
     slope = slope_inc.gather(-1, order).cumsum(-1)  # (B, 2n) slope of phi on (t_j, t_{j+1})
     dt = t.diff(dim=-1)  # (B, 2n-1)
     phi0 = (a * h).sum(-1, keepdim=True)  # (B, 1) phi at the smallest breakpoint: every entry at its cap
@@ -92,7 +93,7 @@ def project_weighted_capped_simplex(v: torch.Tensor, a: torch.Tensor, h: torch.T
     return torch.minimum((v - tau * a).clamp_min(0.0), h)  # (B, n)
 
 
-def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor, exact: bool = True) -> torch.Tensor:
+def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor, exact: bool = True, sort=torch.sort) -> torch.Tensor:
     """argmin_z 1/2 ||z - v||^2 s.t. a^T z = 1, z >= 0 (a > 0): eq. (5') without caps, eq. (5'').
 
     The simplex in Jacobi variables (its caps z_i <= 1/a_i are implied). The breakpoints t_i = v_i/a_i
@@ -101,9 +102,9 @@ def project_weighted_simplex(v: torch.Tensor, a: torch.Tensor, exact: bool = Tru
     (phi(t_(j)) < 1 holds on a prefix, as in eq. (5)). One sort of n instead of 2n.
     """
     if v.dtype != torch.float64 and v.device.type != "mps":  # as in eq. (5'): cumsums of a^2 in float64
-        return project_weighted_simplex(v.double(), a.double(), exact).to(v.dtype)  # (B, n)
+        return project_weighted_simplex(v.double(), a.double(), exact, sort).to(v.dtype)  # (B, n)
     a = a.expand_as(v)  # a view: a may broadcast over leading dimensions of v
-    t_sorted, order = torch.sort(v / a, dim=-1, descending=True)  # (B, n) breakpoints, descending
+    t_sorted, order = sort(v / a, dim=-1, descending=True)  # (B, n) breakpoints, descending
     a_s = a.gather(-1, order)  # (B, n)
     s_aa = (a_s * a_s).cumsum(-1)  # (B, n)
     tau_j = ((a_s * a_s * t_sorted).cumsum(-1) - 1.0) / s_aa  # (B, n) a_i v_i = a_i^2 t_i
@@ -158,15 +159,15 @@ class JacobiSet:
     def take(self, keep: torch.Tensor) -> JacobiSet:
         return JacobiSet(self.a[keep], None if self.cap is None else self.cap[keep], self.uncapped)
 
-    def project(self, v: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    def project(self, v: torch.Tensor, exact: bool = True, sort=torch.sort) -> torch.Tensor:
         """Eq. (5'), (5''); exact=False skips the final Newton step on tau (sum to cumsum round-off).
-        v (A, n), or (A, m, n) for m points of each problem."""
+        v (A, n), or (A, m, n) for m points of each problem; sort: see project_weighted_capped_simplex."""
         if self.cap is None:
             return v.clamp_min(0.0)
         a = self.a if v.ndim == 2 else self.a.unsqueeze(1)  # (A, n) or (A, 1, n)
         if self.uncapped:  # cap u >= 1: z_i <= u / a_i is implied by a^T z = 1, z >= 0
-            return project_weighted_simplex(v, a, exact)  # eq. (5'')
-        return project_weighted_capped_simplex(v, a, self.h if v.ndim == 2 else self.h.unsqueeze(1), exact)
+            return project_weighted_simplex(v, a, exact, sort)  # eq. (5'')
+        return project_weighted_capped_simplex(v, a, self.h if v.ndim == 2 else self.h.unsqueeze(1), exact, sort)
 
     def certificate(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
         """Eq. (13): FW gap in w times unit (simplex sets), or relative Jacobi-scaled KKT residual (cone). (B,)"""

@@ -89,21 +89,28 @@ def lambda_max_upper(K_hat: torch.Tensor, normal: torch.Tensor | None = None) ->
     return torch.minimum(STEP_SAFETY * rayleigh, trace).clamp_min(0.0)  # (B,)
 
 
-def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None, exact: bool = True):
+def fista_step(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, exact: bool = True, sort=torch.sort):
+    """One iteration of eq. (10) (FISTA with gradient restart, step 1), in the dtype of Kx; sort: the sort of the
+    projection (compiled.py passes a faster CPU sort). K^ (A, n, n), (A, n), z, y (A, n), t (A,) -> z, y, t"""
+    g = Kx.mv(y) - bx  # (A, n)
+    z_new = fs.project(y - g, exact=exact, sort=sort)  # (A, n)
+    dz = z_new - z  # (A, n)
+    restart = ((y - z_new) * dz).sum(-1) > 0  # (A,)
+    t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+    momentum = torch.where(restart, 0.0, (t - 1.0) / t_new)  # (A,)
+    y = z_new + momentum.unsqueeze(-1) * dz
+    t = torch.where(restart, 1.0, t_new)
+    return z_new, y, t
+
+
+def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None, exact: bool = True, step=None):
     """Eq. (10): `steps` iterations of FISTA with gradient restart, step 1 (scaled problem), in the
     dtype of Kx. K^ (A, n, n), (A, n), state z, y (A, n), t (A,) -> z, y, t; record(z) after each iteration.
     exact=False (the scout, whose iterate is lifted by an exact projection) skips the Newton step of the
-    projections (sums to cumsum round-off)."""
+    projections (sums to cumsum round-off). step: the iteration (None: fista_step; compiled.py passes its copy)."""
+    step = fista_step if step is None else step
     for _ in range(steps):
-        g = Kx.mv(y) - bx  # (A, n)
-        z_new = fs.project(y - g, exact=exact)  # (A, n)
-        dz = z_new - z  # (A, n)
-        restart = ((y - z_new) * dz).sum(-1) > 0  # (A,)
-        t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-        momentum = torch.where(restart, 0.0, (t - 1.0) / t_new)  # (A,)
-        y = z_new + momentum.unsqueeze(-1) * dz
-        t = torch.where(restart, 1.0, t_new)
-        z = z_new
+        z, y, t = step(Kx, bx, fs, z, y, t, exact)
         if record is not None:
             record(z)
     return z, y, t
@@ -128,12 +135,15 @@ def _scale(K, cap, first_dtype):
 
 
 def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHECK_EVERY, first_check=FIRST_CHECK,
-             use_polish=True, trace=False, polish_rounds=POLISH_ROUNDS, uncapped=None, sync_free=False) -> QPResult:
+             use_polish=True, trace=False, polish_rounds=POLISH_ROUNDS, uncapped=None, sync_free=False,
+             scout_step=None) -> QPResult:
     """Minimize 1/2 w^T K w - b^T w over the capped simplex (cap (B,)) or the cone (cap None).
 
     uncapped: True when every cap is >= 1 (the simplex; None: read from cap). sync_free=True: no host read (a fixed
     schedule, section 3 of theory/batched_solvers.md: `first_check` iterations, one polish of SYNC_FREE_POLISH_STEPS
-    steps on faces padded to n, one certificate); the caller reads `converged` and re-solves what failed."""
+    steps on faces padded to n, one certificate); the caller reads `converged` and re-solves what failed.
+    scout_step: the FISTA iteration of the scout (eq. (10'); None: fista_step; compiled.py passes its compiled copy,
+    which runs on the full batch only, so one shape)."""
     B, n = b.shape
     dtype, device = b.dtype, b.device
     max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
@@ -195,7 +205,7 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
         if it == 0 and scout is not None:  # eq. (10'): the scout iterations on the float32 copy
             state = (z.to(scout), y.to(scout), t.to(scout))
             z32, _, _ = fista(ScaledGram(K_first, None), bs.to(scout), set_a, *state, steps, record if trace else None,
-                              exact=False)
+                              exact=False, step=scout_step)
             z = set_a.lift(z32, dtype)  # (B, n) feasible in float64, with the scout's face
             y, t = z.clone(), torch.ones_like(t)
         else:

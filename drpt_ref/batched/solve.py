@@ -38,12 +38,12 @@ SUBSPACE_RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 REFINE_STEPS = 3
 
 
-def gram_objective_batched(K, b, c, alpha, w):
+def gram_objective_batched(K, b, c, alpha, w, residual=None):
     """Eq. (2) for a batch, in twice float64's precision, never negative (core/certificate.accurate_objective).
 
-    (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,) in K's dtype
+    (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,) in K's dtype; residual: compiled.py's Dot2 residual (None: eager)
     """
-    return accurate_objective(K, b, c, alpha, w).to(K.dtype)
+    return accurate_objective(K, b, c, alpha, w, **({} if residual is None else {"residual": residual})).to(K.dtype)
 
 
 def _solve_subspace(K, b, ridge, sync_free: bool = False):
@@ -74,14 +74,16 @@ def _solve_subspace(K, b, ridge, sync_free: bool = False):
     return a * x, resid / scale.clamp_min(torch.finfo(K.dtype).tiny)
 
 
-def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, sync_free=False):
+def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, sync_free=False, residual=None):
     """Clean w onto the set, certify every problem on (K, b, c) as given (core/certificate.py); re-solve the
     problems that fail with the exact solver in float64 and keep whichever answer certifies better.
-    Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n)."""
+    Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n).
+    residual: the compiled accurate_residual of compiled.py for the batch (None: the eager one)."""
     cap = {"simplex": torch.ones_like(c), "capped_simplex": 1.0 / p["k"] if "k" in p else None}.get(method)
     ridge = p.get("ridge")
     w = clean_weights(method, w, cap, diag=K.diagonal(dim1=-2, dim2=-1))
-    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype, sync_free=sync_free)
+    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype, sync_free=sync_free,
+                   **({} if residual is None else {"residual": residual}))
     failed = (~cert["passed"]).nonzero().flatten().tolist() if repair else []  # one host read
     for i in failed:  # the exact rung of the ladder, one problem at a time (rare: degenerate data)
         params = {"k": float(p["k"][i])} if method == "capped_simplex" else (
@@ -112,7 +114,7 @@ def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, syn
 
 
 def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=False, polish=True,
-                    validate="cheap", repair=True, sync_free=False, **params) -> Direction:
+                    validate="cheap", repair=True, sync_free=False, compiled=False, **params) -> Direction:
     """Solve B projections at once; see the module docstring. Parameters: scalars or (B,) tensors.
 
     max_iter, tol: iteration limit and certificate tolerance of the iterative methods (simplex,
@@ -129,11 +131,20 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     outside one), the QP runs one fixed schedule (`solve_qp(sync_free=True)`), and nothing is repaired or warned:
     the certificate is still computed on (K, b, c) as given, and the caller reads info["converged"] once and
     re-solves what failed (with sync_free=False).
+    compiled=True: the input checks, the float32 scout iterations and the certificate's Dot2 residual run
+    torch.compile'd (batched/compiled.py; CUDA graphs on CUDA, untested). The checks and the certificate are
+    bitwise the eager ones; the scout's path differs by round-off. The first call per (B, n) compiles (seconds);
+    if compiling fails the eager functions run, with a RuntimeWarning. Default False: the eager reference.
     Raises ValueError naming the argument for bad input (shapes, dtype, NaN/inf, meta tensors, a K or b, c
     that cannot come from one G and g_T, parameters outside their range or the dtype's).
     """
     check_solver_options(max_iter, tol)
-    K, b, c = check_batch(K, b, c, validate)
+    kernels = None
+    if compiled:  # imported here: torch.compile's machinery loads only when asked for
+        from drpt_ref.batched.compiled import compiled_kernels
+
+        kernels = compiled_kernels(K.device if isinstance(K, torch.Tensor) else "cpu")
+    K, b, c = check_batch(K, b, c, validate, flags_fn=None if kernels is None else kernels.flags)
     B, n = b.shape
     p = check_batch_params(method, params, B, n, b)
     dtype, device = b.dtype, b.device
@@ -142,11 +153,11 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     info = {"method": method, "solver": "batched", "converged": torch.ones(B, dtype=torch.bool, device=device),
             "iterations": torch.zeros(B, dtype=torch.long, device=device), "certificate": zeros.clone(),
             "certificate_kind": "closed_form"}
-    uniform = torch.full((B, n), 1.0 / n, dtype=dtype, device=device)
     # inference mode: no autograd bookkeeping per tensor operation (about 10 % of the iterative solvers'
     # time on a CPU core, where the time is the count of small operations); outputs are cloned into
     # ordinary tensors below, so callers may use them anywhere, autograd included
     with torch.inference_mode():
+        uniform = torch.full((B, n), 1.0 / n, dtype=dtype, device=device)  # (B, n) an inference tensor like every w
         if method == "target":  # eq. (1): alpha = 1, w = 0
             alpha, w = torch.ones_like(alpha), torch.zeros_like(b)
         elif method == "mean":
@@ -189,7 +200,8 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
             res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace,
-                           uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free)
+                           uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free,
+                           scout_step=None if kernels is None else kernels.scout_step)
             w = res.w
             info.update(iterations=res.iterations)
             if trace:
@@ -200,10 +212,11 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
         if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
             w = _certify_and_repair(K, b, c, method, p, w, info, repair and not sync_free, warn=not sync_free,
-                                    sync_free=sync_free)
+                                    sync_free=sync_free, residual=None if kernels is None else kernels.residual)
             objective = info.pop("_objective").to(dtype)  # alpha = 0: eq. (2) at w, computed by the certificate
         else:
-            objective = gram_objective_batched(K, b, c, alpha, w)  # eq. (2), never negative
+            objective = gram_objective_batched(K, b, c, alpha, w, None if kernels is None else
+                                               kernels.objective_residual)
         if method == "subspace":
             info["program_value"] = objective + 0.5 * p["ridge"] * ((w - uniform) ** 2).sum(-1)  # the ridge term
         info.setdefault("program_value", objective)

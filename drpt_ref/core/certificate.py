@@ -62,15 +62,29 @@ def _two_prod(a, b):
     return p, al * bl - (((p - ah * bh) - al * bh) - ah * bl)
 
 
-def _sum2(x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-    """sum over the last dim of x + err as if in twice the precision: pairwise TwoSum, errors summed plainly."""
-    extra = err.sum(-1)
+def _sum2(x: torch.Tensor, err: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over the last dim of x + err (+ last) as if in twice the precision: TwoSum by halves, errors summed plainly.
+
+    Each level adds the two halves of x pairwise by TwoSum, and their errors ride along the same tree (a pair's error
+    = the sum of its halves' errors + the new one): every operation is elementwise, in a fixed order, on contiguous
+    halves. No reduction is left whose order the library (or a compiler, batched/compiled.py) would choose, so the
+    result is bitwise the same wherever IEEE arithmetic is. A zero appended to an odd level changes nothing
+    (TwoSum(x, 0) = (x, 0)); `last` (...) is one more term, added by TwoSum at the end.
+    x (..., m), err (..., k <= m), last (...) or None -> (...)
+    """
+    if err.shape[-1] < x.shape[-1]:
+        err = torch.cat([err, torch.zeros_like(x[..., err.shape[-1]:])], -1)  # (..., m) aligned with x
     while x.shape[-1] > 1:
         if x.shape[-1] % 2:
-            x = torch.cat([x, torch.zeros_like(x[..., :1])], -1)
-        x, e = _two_sum(x[..., 0::2], x[..., 1::2])
-        extra = extra + e.sum(-1)
-    return x[..., 0] + extra
+            x, err = (torch.cat([v, torch.zeros_like(v[..., :1])], -1) for v in (x, err))
+        h = x.shape[-1] // 2
+        x, e = _two_sum(x[..., :h], x[..., h:])  # (..., h) each
+        err = (err[..., :h] + err[..., h:]) + e
+    s, err = x[..., 0], err[..., 0]
+    if last is not None:
+        s, e = _two_sum(s, last)
+        err = err + e
+    return s + err
 
 
 def accurate_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,19 +96,20 @@ def accurate_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def accurate_residual(K, b, w) -> torch.Tensor:
     """r = K w - b, each entry as if in twice float64's precision. (B, n, n), (B, n), (B, n) -> (B, n)"""
     p, e = _two_prod(K, w.unsqueeze(-2))  # (B, n, n)
-    return _sum2(torch.cat([p, -b.unsqueeze(-1)], -1), e)
+    return _sum2(p, e, -b)
 
 
-def accurate_objective(K, b, c, alpha, w) -> torch.Tensor:
+def accurate_objective(K, b, c, alpha, w, residual=accurate_residual) -> torch.Tensor:
     """Eq. (2) of theory/notation.md, 1/2 ||alpha g_T + G w - g_T||^2, in Dot2 precision and never below 0.
 
     = 1/2 (w^T (K w - beta b) - beta b^T w + beta^2 c), beta = 1 - alpha; the terms of a large w cancel
     to a small objective, which plain float64 can turn negative. (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,)
+    residual: accurate_residual or its compiled copy (batched/compiled.py), bitwise the same.
     """
     K, b, c, alpha, w = (x.to(torch.float64) for x in (K, b, c, alpha, w))
     beta = 1.0 - alpha  # (B,)
     bb = beta.unsqueeze(-1) * b  # (B, n)
-    return _objective_from_residual(accurate_residual(K, bb, w), bb, beta * beta * c, w)
+    return _objective_from_residual(residual(K, bb, w), bb, beta * beta * c, w)
 
 
 def _objective_from_residual(r, bb, beta2c, w) -> torch.Tensor:
@@ -183,7 +198,8 @@ def _support_gap(K, r, one_ulp, support, eps: float, sync_free: bool = False) ->
     return (quad(a * r) - quad(a * one_ulp)).clamp_min(0.0)
 
 
-def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float64, sync_free=False) -> dict:
+def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float64, sync_free=False,
+            residual=accurate_residual) -> dict:
     """Certificate of weights w for the program of `method` on (K, b, c) as given; see the module docstring.
 
     K (B, n, n), b (B, n), c (B,), w (B, n): tensors of any float dtype and device (read in float64);
@@ -192,7 +208,8 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
     Returns (B,) tensors: objective (eq. (5), in the caller's units), feasibility (eq. (1)),
     certificate (eq. (2), (3) or (4)), passed (bool); and certificate_kind.
     Raises ValueError for a method without an iterative program. sync_free: no host read (the support gap of eq.
-    (3') is applied per problem where ridge = 0, every Cholesky shift is tried).
+    (3') is applied per problem where ridge = 0, every Cholesky shift is tried). residual: the function that computes
+    accurate_residual (batched/compiled.py passes its compiled copy, bitwise the same; theory/batched_solvers.md).
     """
     if method not in ("simplex", "capped_simplex", "cone", "subspace"):
         raise ValueError(f"method={method!r} has no iterative program to certify.")
@@ -201,7 +218,7 @@ def certify(K, b, c, method: str, w, *, cap=None, ridge=None, dtype=torch.float6
     K, b, c = K / scale[:, None, None], b / scale[:, None], c / scale
     cert_tol, feas_tol = tolerances(dtype)
     eps = torch.finfo(dtype if dtype in CERT_TOL else torch.float32).eps  # weights and data are stored in dtype
-    r = accurate_residual(K, b, w)  # (B, n) gradient of f, r_i = <g_i, G w - g_T>
+    r = residual(K, b, w)  # (B, n) gradient of f, r_i = <g_i, G w - g_T> (accurate_residual)
     wr, bw = accurate_dot(w, r), accurate_dot(b, w)  # (B,) w^T K w - b^T w, b^T w
     wKw = (wr + bw).clamp_min(0.0)  # (B,) ||G w||^2
     objective = _objective_from_residual(r, b, c, w)  # (B,) eq. (5), from the same r

@@ -1,0 +1,165 @@
+"""The compiled path of `project_batched(..., compiled=True)`: torch.compile where it pays, the eager code as reference.
+
+Three kernels of the batched solver are compiled (theory/batched_solvers.md, section 6); each is the eager
+function itself, handed to torch.compile, so the eager code stays the one definition:
+
+    residual     core/certificate.accurate_residual: the Dot2 residual r = K w - b of the certificate, eq. (13)
+                 (and of the closed forms' objective), about 20 elementwise operations over (B, n, n) that eager
+                 torch runs as separate passes and Inductor fuses into a few loops. Inductor's C++ keeps IEEE
+                 semantics (no fast-math, -ffp-contract=off in torch 2.13), and the Dot2 tree has no reduction
+                 whose order a compiler may choose (core/certificate._sum2), so the result is bitwise the eager one
+                 (tests/test_batched_compiled.py checks it, and checks it against exact rational arithmetic)
+    flags        batched/checks.cheap_flags: the input checks of eq. (15), one fused pass over K
+    scout_step   batched/qp.fista_step: one iteration of the float32 scout, eq. (10'), with `sort_last`,
+                 a CPU sort through numpy (on one core, torch.sort of a (64, 128) tensor takes 0.27 ms, numpy's
+                 argsort 0.08 ms alone, 0.2 ms as an op); the iteration's reductions may be reordered, so its
+                 path differs from eager by
+                 round-off (the scout only looks for the face: the polish and the certificate decide)
+
+On CUDA the kernels use mode="reduce-overhead" (CUDA graphs; their outputs are cloned, as a replay overwrites
+them); that path is written but untested (no GPU was lent). Shapes are static (dynamic=False): a new (B, n)
+compiles again, once per process, and warm-up seconds are reported by `drpt bench solvers`. If compiling
+fails (no C++ compiler, an unsupported op) the call runs the eager function, with a RuntimeWarning naming
+the reason; the answer is then the eager one.
+
+Shapes:
+    residual: K (B, n, n), b (B, n), w (B, n) -> (B, n)
+    flags: K (B, n, n), b (B, n), c (B,) -> flags (7,) bool, asym (B,)
+    scout_step: K^ (B, n, n), b (B, n), z, y (B, n), t (B,) -> z, y, t
+    sort_last: x (..., m) -> values (..., m), indices (..., m) int64
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from drpt_ref.batched.checks import cheap_flags
+from drpt_ref.batched.qp import fista_step
+from drpt_ref.core.certificate import accurate_residual
+
+
+@torch.library.custom_op("drpt_ref::sort_last", mutates_args=())
+def _sort_last(x: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort along the last dim; on the CPU by numpy's introsort (ties in any order, as torch.sort's)."""
+    if x.device.type != "cpu":
+        values, indices = torch.sort(x, dim=-1, descending=descending)
+        return values, indices
+    xn = x.detach().contiguous().numpy()  # (..., m) a view, no copy
+    order = np.argsort(-xn if descending else xn, axis=-1)  # (..., m) negation is exact: the same order reversed
+    return torch.from_numpy(np.take_along_axis(xn, order, -1)), torch.from_numpy(order.astype(np.int64))
+
+
+@_sort_last.register_fake
+def _(x, descending):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.long)
+
+
+def sort_last(x: torch.Tensor, dim: int = -1, descending: bool = False):
+    """torch.sort's signature for the projections of batched/projections.py (dim must be the last one)."""
+    assert dim in (-1, x.ndim - 1), "sort_last sorts along the last dim only"
+    return _sort_last(x, descending)
+
+
+# Each compiled function has its own compile cache, and torch.compile keeps at most 8 versions per function (by
+# shape, dtype, and whether its inputs are inference tensors) before it runs the function eager (the same answer,
+# slower). So each use gets its own function: the certificate's residual (on K / scale, made in inference mode) and
+# the closed forms' objective (on the caller's K) would otherwise fill one cache with two versions per shape; and
+# the scout gets one function per set.
+def _residual_certificate(K, b, w):
+    return accurate_residual(K, b, w)
+
+
+def _residual_objective(K, b, w):
+    return accurate_residual(K, b, w)
+
+
+def _scout_simplex(Kx, bx, fs, z, y, t, exact):
+    return fista_step(Kx, bx, fs, z, y, t, exact, sort=sort_last)
+
+
+def _scout_capped(Kx, bx, fs, z, y, t, exact):
+    return fista_step(Kx, bx, fs, z, y, t, exact, sort=sort_last)
+
+
+def _scout_cone(Kx, bx, fs, z, y, t, exact):
+    return fista_step(Kx, bx, fs, z, y, t, exact, sort=sort_last)
+
+
+class _ScoutStep:
+    """The scout iteration of solve_qp, compiled per set: cone (no cap), simplex (uncapped), capped simplex."""
+
+    def __init__(self, simplex, capped, cone):
+        self.simplex, self.capped, self.cone = simplex, capped, cone
+
+    def __call__(self, Kx, bx, fs, z, y, t, exact):
+        step = self.cone if fs.cap is None else (self.simplex if fs.uncapped else self.capped)
+        return step(Kx, bx, fs, z, y, t, exact)
+
+
+class _Guarded:
+    """A compiled function that runs its eager original, with a RuntimeWarning, if compiling or running it fails."""
+
+    def __init__(self, name: str, eager: Callable, compiled: Callable, clone: bool):
+        self.name, self.eager, self.compiled, self.clone = name, eager, compiled, clone
+
+    def __call__(self, *args):
+        try:
+            out = self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any failure of the compiler; the eager call re-raises real errors
+            root = err
+            while (getattr(root, "inner_exception", None) or root.__cause__) is not None:  # the compiler's own error
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            reason = f"{type(root).__name__}: " + (str(root).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"project_batched(compiled=True): torch.compile of {self.name} failed "
+                          f"({reason}); running it eager (same answer, eager speed). "
+                          "Install a C++ compiler (g++) for Inductor on a CPU, or pass compiled=False.",
+                          RuntimeWarning, stacklevel=2)
+            return self.eager(*args)
+        if self.clone:  # CUDA graphs: the next replay overwrites the outputs
+            return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, tuple) \
+                else out.clone()
+        return out
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The functions project_batched hands to certify (residual), accurate_objective (objective_residual),
+    check_batch (flags) and solve_qp (scout_step)."""
+
+    residual: Callable
+    objective_residual: Callable
+    flags: Callable
+    scout_step: Callable
+
+
+def _build(device_type: str, backend="inductor") -> Kernels:
+    cuda = device_type == "cuda"
+    opts = dict(backend=backend, dynamic=False, fullgraph=True)
+    if cuda and backend == "inductor":
+        opts["mode"] = "reduce-overhead"  # CUDA graphs: one launch per kernel call (untested here)
+    named = (("accurate_residual", _residual_certificate), ("accurate_residual (objective)", _residual_objective),
+             ("cheap_flags", cheap_flags), ("fista_step (simplex)", _scout_simplex),
+             ("fista_step (capped simplex)", _scout_capped), ("fista_step (cone)", _scout_cone))
+    residual, objective, flags, simplex, capped, cone = (_Guarded(name, fn, torch.compile(fn, **opts), clone=cuda)
+                                                         for name, fn in named)
+    return Kernels(residual, objective, flags, _ScoutStep(simplex, capped, cone))
+
+
+# torch.compile is lazy: these wrappers compile on their first call (per shape and dtype), and keep the result in
+# torch.compile's own cache
+_CPU = _build("cpu")
+_CUDA = _build("cuda")
+
+
+def compiled_kernels(device: torch.device | str, backend=None) -> Kernels:
+    """The compiled kernels for a device type (CUDA: CUDA graphs; other devices: the CPU options). backend: a
+    torch.compile backend instead of Inductor (tests pass a failing one to exercise the eager fallback)."""
+    device_type = torch.device(device).type
+    if backend is not None:
+        return _build(device_type, backend)
+    return _CUDA if device_type == "cuda" else _CPU
