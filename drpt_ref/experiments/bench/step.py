@@ -121,6 +121,14 @@ def _pin_mmap_threshold() -> None:
         pass
 
 
+def _release_free_heap() -> None:
+    """glibc: return the heap's free blocks to the OS (malloc_trim), so that the next allocations show in the RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -138,6 +146,7 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type != "cuda":  # the resident set follows the tensors only while freed blocks are unmapped:
             _pin_mmap_threshold()  # a measuring pass, never timed; __exit__ restores the timed runs' setting
+            _release_free_heap()  # and the blocks the timed runs kept are returned, not reused unseen
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -264,23 +273,23 @@ def bench_crossover(model, n: int, T: int, args, device, gen) -> dict:
 
 def render(rows, cross, header) -> str:
     ms = lambda t: f"{1e3 * t:,.1f}"  # noqa: E731
-    cols = ["n", "T", "method", "gram", "fwd+bwd ms", "gram ms", "solve ms", "update ms", "total ms",
+    cols = ["n", "T", "m", "method", "gram", "fwd+bwd ms", "gram ms", "solve ms", "update ms", "total ms",
             "ratio to standard", "peak MB"]
     lines = header + ["", "## Time per step by phase", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join([str(r["n"]), str(r["T"]), r["method"], r["engine"]]
+        lines.append("| " + " | ".join([str(r["n"]), str(r["T"]), str(r["m"]), r["method"], r["engine"]]
                                        + [ms(r[k]) for k in (*PHASES, "total")]
                                        + [f"{r['ratio']:.2f}x", f"{r['peak_mb']:.1f}"]) + " |")
     lines += ["", "## Dr step / standard step, per cell (range over methods)", "",
-              "| n | T | " + " | ".join(ENGINES) + " |", "|---|---|" + "---|" * len(ENGINES)]
-    for n, T in dict.fromkeys((r["n"], r["T"]) for r in rows):
-        cell = [r for r in rows if (r["n"], r["T"]) == (n, T)]
+              "| n | T | m | " + " | ".join(ENGINES) + " |", "|---|---|---|" + "---|" * len(ENGINES)]
+    for n, T, m in dict.fromkeys((r["n"], r["T"], r["m"]) for r in rows):
+        cell = [r for r in rows if (r["n"], r["T"], r["m"]) == (n, T, m)]
         span = []
         for g in ENGINES:
             ratios = [r["ratio"] for r in cell if r["engine"] == g]
             span.append("-" if not ratios else f"{min(ratios):.2f}x" if len(ratios) == 1
                         else f"{min(ratios):.2f}x - {max(ratios):.2f}x")
-        lines.append(f"| {n} | {T} | " + " | ".join(span) + " |")
+        lines.append(f"| {n} | {T} | {m} | " + " | ".join(span) + " |")
     lines += ["", "## Ghost Gram: token pairs vs materialized per-unit gradients (same capture)", "",
               "| n | T | pair ms | materialize ms | pair / materialize | faster | cost rule picks pair in |",
               "|---|---|---|---|---|---|---|"]

@@ -58,6 +58,7 @@ from drpt_ref.experiments.reproduce.plan import (
 from drpt_ref.experiments.reproduce.report import write_report
 from drpt_ref.flags import check_device, check_positive_ints, field_comments, parse_bool
 from drpt_ref.training.checkpoint import FINAL, find_checkpoint, remove_checkpoints
+from drpt_ref.training.host_memory import retain_freed_memory
 from drpt_ref.training.model_folder import check_model_folder
 from drpt_ref.training.run_files import read_json_or_none, remove_path, write_json_atomic
 from drpt_ref.training.run_state import PLACE_FIELDS, check_out_folder, claim_folder, read_marker
@@ -299,7 +300,8 @@ def reproduce(cfg: ReproduceConfig) -> list[dict]:
 def run_all(cfg: ReproduceConfig, specs: list[RunSpec]) -> list[dict]:
     """Every run on cfg.workers processes, with a progress bar; on Ctrl-C the queued runs are cancelled and the
     running ones stopped, and the command says how to continue (a rerun resumes)."""
-    pool = ProcessPoolExecutor(max_workers=cfg.workers)
+    # each worker keeps freed host blocks mapped as drpt train does (training/host_memory.py), however it was started
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, initializer=retain_freed_memory)
     futures = {pool.submit(run_one, cfg, spec): spec for spec in specs}
     summaries = []
     try:
