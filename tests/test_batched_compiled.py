@@ -13,6 +13,7 @@ What is compared how (drpt_ref/batched/compiled.py):
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -74,9 +75,25 @@ def params_for(method, K, b, c, seed=2):
     return {}
 
 
+# A compiled kernel whose compile fails runs its eager function with a RuntimeWarning: a compiled-equals-eager test
+# would then compare eager with eager and pass. So that warning fails every test here (the fallback test expects it
+# with pytest.warns), and where torch.compile cannot work at all the tests skip, saying why.
+pytestmark = pytest.mark.filterwarnings("error:project_batched\\(compiled=True\\):RuntimeWarning")
+
+
 @pytest.fixture(scope="module")
 def kernels():
-    return compiled_kernels("cpu")
+    """The CPU kernels, after one compile that must succeed (else every compiled call here would be eager)."""
+    kern = compiled_kernels("cpu")
+    K, b, _ = random_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            with torch.inference_mode():
+                kern.residual(K, b, torch.full_like(b, 1.0 / N))
+        except RuntimeWarning as err:
+            pytest.skip(f"torch.compile does not work on this machine: {err}")
+    return kern
 
 
 # ---- the compiled Dot2 ---------------------------------------------------------------------------------------
@@ -143,7 +160,7 @@ def test_compiled_flags_are_eager(kernels, batch):
         assert torch.equal(flags_c, flags_e) and torch.equal(asym_c, asym_e)
 
 
-def test_compiled_refuses_what_eager_refuses():
+def test_compiled_refuses_what_eager_refuses(kernels):
     K, b, c = random_batch()
     bad = K.clone()
     bad[2, 0, 1] += 1.0  # not symmetric
@@ -154,6 +171,9 @@ def test_compiled_refuses_what_eager_refuses():
     nan[0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="K contains NaN"):
         project_batched(nan, b, c, "simplex", compiled=True)
+    for flag in ("False", None, 1):  # a truthy string would compile; anything but a bool is refused
+        with pytest.raises(ValueError, match="compiled="):
+            project_batched(K, b, c, "simplex", compiled=flag)
 
 
 @pytest.mark.parametrize("batch", [random_batch, degenerate_batch])
@@ -176,7 +196,7 @@ def test_certificate_with_compiled_residual_is_bitwise(kernels, batch, method):
 
 @pytest.mark.parametrize("batch", [random_batch, degenerate_batch])
 @pytest.mark.parametrize("method", METHODS)
-def test_compiled_solve_agrees_with_eager(batch, method):
+def test_compiled_solve_agrees_with_eager(kernels, batch, method):
     K, b, c = batch()
     p = params_for(method, K, b, c)
     eager = project_batched(K, b, c, method, **p)
@@ -191,7 +211,7 @@ def test_compiled_solve_agrees_with_eager(batch, method):
 
 
 @pytest.mark.parametrize("method", ["mean", "ball", "softmax"])
-def test_compiled_closed_forms_are_bitwise(method):
+def test_compiled_closed_forms_are_bitwise(kernels, method):
     """The closed forms use only the compiled checks and the Dot2 objective: bitwise the eager answer."""
     K, b, c = degenerate_batch()
     p = {"radius": 0.5} if method == "ball" else ({"tau": 0.3} if method == "softmax" else {})
@@ -199,7 +219,7 @@ def test_compiled_closed_forms_are_bitwise(method):
     assert torch.equal(comp.weights, eager.weights) and torch.equal(comp.objective, eager.objective)
 
 
-def test_compiled_float32_is_bitwise():
+def test_compiled_float32_is_bitwise(kernels):
     """float32 runs no scout (eq. (10') is for float64): checks and certificate compiled, the answer bitwise eager."""
     K, b, c = (x.float() for x in random_batch())
     eager, comp = (project_batched(K, b, c, "simplex", compiled=flag) for flag in (False, True))
@@ -207,7 +227,7 @@ def test_compiled_float32_is_bitwise():
     assert torch.equal(comp.info["converged"], eager.info["converged"])
 
 
-def test_compiled_sync_free_agrees():
+def test_compiled_sync_free_agrees(kernels):
     K, b, c = random_batch(5)
     eager = project_batched(K, b, c, "simplex", sync_free=True)
     comp = project_batched(K, b, c, "simplex", sync_free=True, compiled=True)
@@ -218,7 +238,11 @@ def test_compiled_sync_free_agrees():
 
 # ---- the fallback ----------------------------------------------------------------------------------------------
 
+BACKEND_CALLS = []
+
+
 def failing_backend(gm, example_inputs):
+    BACKEND_CALLS.append(1)
     raise RuntimeError("no C++ compiler (test)")
 
 
@@ -230,6 +254,9 @@ def test_failed_compile_runs_eager_with_a_warning(monkeypatch):
     w = torch.full((B, N), 1.0 / N, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="torch.compile of accurate_residual failed.*no C\\+\\+ compiler"):
         assert torch.equal(kern.residual(K, b, w), accurate_residual(K, b, w))
+    calls = len(BACKEND_CALLS)
+    assert torch.equal(kern.residual(K, b, w), accurate_residual(K, b, w))  # eager at once: not compiled again
+    assert len(BACKEND_CALLS) == calls
     monkeypatch.setattr(compiled, "_CPU", kern)
     eager = project_batched(K, b, c, "cone")
     with pytest.warns(RuntimeWarning, match="running it eager"):

@@ -1,5 +1,6 @@
 """`drpt bench` dispatches to both benchmarks; a CUDA device is refused where there is none."""
 
+import pytest
 import torch
 
 from drpt_ref.cli import main
@@ -16,3 +17,13 @@ def test_bench_refuses_missing_cuda(capsys):
         return
     assert main(["bench", "step", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_solvers_refuses_bad_counts_and_grids(capsys):
+    """A bad value is refused before anything runs, with the flag named (exit 2): --repeat 0 used to print 'inf ms',
+    --cvxpy-samples 0 to divide by zero, --grid 0x5 to fail inside numpy."""
+    for flag, value in (("--repeat", "0"), ("--threads", "0"), ("--cvxpy-samples", "0"), ("--loop-budget", "-1"),
+                        ("--grid", "0x5"), ("--grid", "4"), ("--grid", "ax8")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "solvers", "--methods", "target", "--eager-only", flag, value])
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err, (flag, value)

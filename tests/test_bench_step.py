@@ -68,3 +68,11 @@ def test_bad_grid(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # the CLI prints usage and the message, no traceback
         main(["bench", "step", "--grid", "4by16", "--model", write_tiny_model(tmp_path / "m")])
     assert exit_info.value.code == 2 and "--grid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what, flag", [("step", "--threads"), ("step", "--repeat"), ("step", "--sketch-dim"),
+                                        ("comm", "--threads"), ("comm", "--repeat")])
+def test_counts_below_one_are_refused(tmp_path, capsys, what, flag):
+    with pytest.raises(SystemExit) as exit_info:  # refused before any model is built or process started
+        main(["bench", what, flag, "0", "--model", write_tiny_model(tmp_path / "m")])
+    assert exit_info.value.code == 2 and f"{flag} 0: must be >= 1" in capsys.readouterr().err

@@ -44,5 +44,6 @@ def test_retained_blocks_are_not_faulted_in_again():
 
 
 def test_limit_is_checked():
-    with pytest.raises(ValueError, match="limit"):
-        retain_freed_memory(1000)
+    for bad in (1000, 2**31, 2**32, True, 2.0**30):  # mallopt takes a C int: ctypes would wrap 2**32 to 0
+        with pytest.raises(ValueError, match="limit"):
+            retain_freed_memory(bad)

@@ -35,9 +35,10 @@ class _EosLeaning(torch.nn.Module):
 
     def __init__(self, model, eos: int, lift: float):
         super().__init__()
-        self.model, self.eos, self.lift = model, eos, lift
+        self.model, self.eos, self.lift, self.calls = model, eos, lift, 0
 
     def forward(self, **kw):
+        self.calls += 1  # decoding steps run
         out = self.model(**kw)
         out.logits[..., self.eos] += self.lift
         return out
@@ -45,15 +46,32 @@ class _EosLeaning(torch.nn.Module):
 
 def test_reading_the_stop_less_often_changes_no_completion():
     """The GPU cadence (one host read per STOP_CHECK_EVERY tokens) samples what the per-token check samples: an ended
-    row only emits <eos>, so the extra steps after every row ended add nothing before the cut at <eos>."""
+    row only emits <eos>, so the extra steps after every row ended add nothing before the cut at <eos>; and the
+    generator is rewound past their draws."""
     tok = build_tokenizer()
     model = _EosLeaning(_model(tok), tok.eos_token_id, 2.5)
     prompts = ["12+34=", "5+6=", "987+12=", "1+1="]
-    runs = [sample_completions(model, tok, prompts, 4, 30, 1.0, step_generator(2, 5), stop_check_every=k)
-            for k in (1, 3, 8)]
+    runs, calls = [], []
+    for k in (None, 1, 3, 8):  # None: the device's default, per token on a CPU
+        model.calls = 0
+        runs.append(sample_completions(model, tok, prompts, 4, 30, 1.0, step_generator(2, 5), stop_check_every=k))
+        calls.append(model.calls)
     lengths = {len(ids) for group in runs[0][1] for ids in group}
     assert len(lengths) >= 3 and max(lengths) < 30  # rows end at different steps, all before the limit
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+    # the cadence is really used (else the equality above would hold trivially): the stop is seen at the first
+    # multiple of k at or after the step that drew the last row's <eos>, so the later cadences decode extra steps
+    last = max(lengths) + 1
+    assert calls[:2] == [last, last] and calls[2:] == [min(30, -(-last // k) * k) for k in (3, 8)]
+    assert calls[2] > last or calls[3] > last
+    # and the generator is left where the per-token check leaves it: a second call on it (make_batches samples the
+    # target batch after the general one with one generator) samples the same completions
+    seconds = []
+    for k in (1, 3, 8):
+        gen = step_generator(2, 5)
+        sample_completions(model, tok, prompts, 4, 30, 1.0, gen, stop_check_every=k)
+        seconds.append(sample_completions(model, tok, ["3+4=", "55+66="], 4, 30, 1.0, gen, stop_check_every=k))
+    assert seconds[0] == seconds[1] == seconds[2]
 
 
 def _uncached(model, tok, prompts, group_size, max_new_tokens, temperature, generator):
@@ -128,3 +146,14 @@ def test_decoding_uses_the_kv_cache_under_its_current_name_without_a_deprecation
     forget = Forget(model)
     assert sample_completions(forget, tok, prompts, 3, 10, 1.0, step_generator(5, 1))[1] != reference
     assert greedy_ids(forget, tok, prompts, 10, batch_size=2) != greedy_reference
+
+
+def test_a_bad_stop_check_every_is_refused():
+    """0 used to mean the default, a negative number or a float a cadence of its own, a string a TypeError."""
+    import pytest
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="stop_check_every"):
+            sample_completions(model, tok, ["1+1="], 2, 4, 1.0, step_generator(0, 0), stop_check_every=bad)

@@ -17,15 +17,17 @@ function itself, handed to torch.compile, so the eager code stays the one defini
                  round-off (the scout only looks for the face: the polish and the certificate decide)
 
 On CUDA the kernels use mode="reduce-overhead" (CUDA graphs; their outputs are cloned, as a replay overwrites
-them); that path is written but untested (no GPU was lent). Shapes are static (dynamic=False): a new (B, n)
-compiles again, once per process, and warm-up seconds are reported by `drpt bench solvers`. If compiling
-fails (no C++ compiler, an unsupported op) the call runs the eager function, with a RuntimeWarning naming
-the reason; the answer is then the eager one.
+them); that path is written but untested (no GPU was lent). Its bitwise equality is not shown either: Inductor's
+Triton kernels are built with floating-point fusion on (enable_fp_fusion unless config.emulate_precision_casts), so
+a multiply and an add may become one FMA, which the error-free TwoSum / TwoProduct above do not allow for.
+Shapes are static (dynamic=False): a new (B, n) compiles again, once per process, and warm-up seconds are reported
+by `drpt bench solvers`. If compiling fails (no C++ compiler, an unsupported op) the call runs the eager function,
+with a RuntimeWarning naming the reason; the answer is then the eager one.
 
 Shapes:
     residual: K (B, n, n), b (B, n), w (B, n) -> (B, n)
     flags: K (B, n, n), b (B, n), c (B,) -> flags (7,) bool, asym (B,)
-    scout_step: K^ (B, n, n), b (B, n), z, y (B, n), t (B,) -> z, y, t
+    scout_step: Kx (a ScaledGram of K^ (B, n, n)), bx (B, n), fs (a JacobiSet), z, y (B, n), t (B,), exact -> z, y, t
     sort_last: x (..., m) -> values (..., m), indices (..., m) int64
 """
 
@@ -102,15 +104,19 @@ class _ScoutStep:
 
 
 class _Guarded:
-    """A compiled function that runs its eager original, with a RuntimeWarning, if compiling or running it fails."""
+    """A compiled function that runs its eager original, with a RuntimeWarning, if compiling or running it fails; after
+    a failure it runs the eager original directly (torch.compile would try again, and fail again, on every call)."""
 
     def __init__(self, name: str, eager: Callable, compiled: Callable, clone: bool):
-        self.name, self.eager, self.compiled, self.clone = name, eager, compiled, clone
+        self.name, self.eager, self.compiled, self.clone, self.failed = name, eager, compiled, clone, False
 
     def __call__(self, *args):
+        if self.failed:
+            return self.eager(*args)
         try:
             out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any failure of the compiler; the eager call re-raises real errors
+            self.failed = True
             root = err
             while (getattr(root, "inner_exception", None) or root.__cause__) is not None:  # the compiler's own error
                 root = getattr(root, "inner_exception", None) or root.__cause__

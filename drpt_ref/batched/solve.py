@@ -132,13 +132,17 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     the certificate is still computed on (K, b, c) as given, and the caller reads info["converged"] once and
     re-solves what failed (with sync_free=False).
     compiled=True: the input checks, the float32 scout iterations and the certificate's Dot2 residual run
-    torch.compile'd (batched/compiled.py; CUDA graphs on CUDA, untested). The checks and the certificate are
-    bitwise the eager ones; the scout's path differs by round-off. The first call per (B, n) compiles (seconds);
+    torch.compile'd (batched/compiled.py; CUDA graphs on CUDA, untested). On a CPU the checks and the certificate
+    are bitwise the eager ones (tested; on CUDA, Triton may fuse multiply-adds: not shown); the scout's path differs
+    by round-off. The first call per (B, n) compiles (seconds);
     if compiling fails the eager functions run, with a RuntimeWarning. Default False: the eager reference.
     Raises ValueError naming the argument for bad input (shapes, dtype, NaN/inf, meta tensors, a K or b, c
     that cannot come from one G and g_T, parameters outside their range or the dtype's).
     """
     check_solver_options(max_iter, tol)
+    if not isinstance(compiled, bool):  # a truthy string ("False") would otherwise compile
+        raise ValueError(f"compiled={compiled!r} must be True (torch.compile'd kernels) or False (the eager "
+                         "reference).")
     kernels = None
     if compiled:  # imported here: torch.compile's machinery loads only when asked for
         from drpt_ref.batched.compiled import compiled_kernels

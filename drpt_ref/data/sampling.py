@@ -4,8 +4,9 @@ Each prompt is repeated G times and all B * G rows are decoded together with a K
 softmax(logits / temperature) with a generator seeded per step (training/run_state.py), so a resumed run samples
 exactly what an uninterrupted one did. The draw runs on the model's device with a generator there (a generator on
 another device type is refused). On a GPU the host reads whether every row has ended once per STOP_CHECK_EVERY
-tokens, not per token (each read waits for the device): no completion changes (an ended row only emits <eos>), only
-the generator's state after the last token. On a CPU, where a read costs nothing, the check runs after every token,
+tokens, not per token (each read waits for the device): no completion changes (an ended row only emits <eos>), and
+the generator is rewound to its state after the draw that ended the last row, so later draws from it (the next call
+on the same generator) are unchanged too. On a CPU, where a read costs nothing, the check runs after every token,
 as it always did, so CPU runs draw what earlier versions drew (`stop_check_every` overrides either). A completion
 ends at the first <eos> (or after max_new_tokens). `sample_completions` returns each completion twice: its text (for
 the reward, special tokens skipped) and the ids exactly as sampled (for the loss: the training batch is built from
@@ -53,12 +54,16 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
     """G sampled completions per prompt: (texts, ids), each B lists of G; ids are those sampled, before <eos>.
 
     generator: on the model's device type. stop_check_every: decoding steps between host reads of "every row ended"
-    (None: 1 on a CPU, STOP_CHECK_EVERY elsewhere); it changes no completion.
+    (None: 1 on a CPU, STOP_CHECK_EVERY elsewhere); it changes no completion, nor the generator's state after the call.
     """
     if group_size < 1:
         raise ValueError(f"group_size={group_size} must be >= 1 (completions sampled per prompt).")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use evaluate.greedy_generate for greedy).")
+    if stop_check_every is not None and (isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int)
+                                         or stop_check_every < 1):
+        raise ValueError(f"stop_check_every={stop_check_every!r} must be an int >= 1 (decoding steps between host "
+                         "reads of 'every row ended'), or None for the device's default.")
     device = next(model.parameters()).device
     if generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the model on {device}: sampling draws on the model's "
@@ -68,13 +73,15 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
     batch = {k: v.to(device) for k, v in encode_prompts(tok, rows).items()}
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]  # (B*G, T)
     eos = tok.eos_token_id
-    past, steps, cache = None, [], cache_keyword(model)
+    past, steps, states, cache = None, [], [], cache_keyword(model)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B*G,)
     every = stop_check_every or (1 if device.type == "cpu" else STOP_CHECK_EVERY)  # steps between host reads
     for s in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache: past})
         probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)  # (B*G, V) float64: reproducible
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B*G,) drawn on the device
+        if every > 1:  # the generator's state after this draw (host-side, no device read)
+            states.append(generator.get_state())
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting <eos>
         steps.append(nxt)
         done |= nxt == eos
@@ -85,6 +92,9 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # (B*G, T + s)
         pos = pos[:, -1:] + 1  # (B*G, 1)
     generated = torch.stack(steps, dim=1).tolist()  # (B*G, S)
+    if every > 1:  # rewind the generator to where the per-token check leaves it: after the draw that ended the last
+        # row (or the last draw), so that a later draw from it (make_batches samples the target batch next) is the same
+        generator.set_state(states[max(row.index(eos) if eos in row else len(row) - 1 for row in generated)])
     texts, ids_out = [], []
     for row in generated:
         row = row[: row.index(eos)] if eos in row else row

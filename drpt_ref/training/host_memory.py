@@ -23,12 +23,15 @@ import ctypes.util
 
 RETAIN_BYTES = 1 << 30  # 1 GiB: larger than any block of a CPU run of this package; larger blocks are still mmapped
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+_C_INT_MAX = 2**31 - 1  # mallopt(int param, int value)
 
 
 def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     """Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to `limit` bytes; True if both were set (glibc only)."""
-    if not isinstance(limit, int) or limit < 128 * 1024:
-        raise ValueError(f"limit={limit!r} must be an int of at least 131072 bytes (glibc's own starting threshold).")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 128 * 1024 <= limit <= _C_INT_MAX:
+        raise ValueError(f"limit={limit!r} must be an int of at least 131072 bytes (glibc's own starting threshold) "
+                         f"and at most {_C_INT_MAX} (mallopt takes a C int; ctypes would silently wrap a larger "
+                         "value, 2**32 to 0, which maps every block).")
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

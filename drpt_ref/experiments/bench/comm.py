@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 from drpt_ref.distributed.ranks import COMMS, current_ranks, share
-from drpt_ref.experiments.bench.run_flags import add_model_run_flags
+from drpt_ref.experiments.bench.run_flags import add_model_run_flags, check_model_run_flags
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.experiments.bench.step import make_model, token_batch
 from drpt_ref.flags import write_output
@@ -53,6 +53,7 @@ def add_arguments(parser) -> None:
 
 def check_args(args) -> tuple[list[int], list[int], list[str], list[str]]:
     """The parsed lists, or a ValueError naming the flag."""
+    check_model_run_flags(args)
     def ints(flag, text):
         try:
             values = [int(x) for x in text.split(",") if x.strip()]

@@ -16,3 +16,11 @@ def add_model_run_flags(parser, timed: str) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per process)")
     parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and token batches")
+
+
+def check_model_run_flags(args) -> None:
+    """Refuse counts below 1 among those flags, naming the flag (a ValueError the CLI prints without a traceback)."""
+    for flag in ("repeat", "threads", "sketch_dim"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be >= 1.")

@@ -240,6 +240,12 @@ def render(rows, header_lines):
 
 def run(args) -> int:
     device = torch.device(args.device)  # checked by bench/command.py (run)
+    counts = (("--repeat", args.repeat), ("--threads", args.threads), ("--cvxpy-samples", args.cvxpy_samples))
+    for flag, value in counts:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1.")
+    if not args.loop_budget > 0:
+        raise ValueError(f"--loop-budget {args.loop_budget} must be > 0 (seconds).")
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -247,7 +253,12 @@ def run(args) -> int:
         print(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}.")
         return 2
     default_grid = "16x32,64x128" if args.quick else "16x32,64x128,256x64"
-    grid = [tuple(int(x) for x in cell.lower().split("x")) for cell in (args.grid or default_grid).split(",")]
+    try:
+        grid = [tuple(int(x) for x in cell.lower().split("x")) for cell in (args.grid or default_grid).split(",")]
+    except ValueError:
+        grid = []
+    if not grid or any(len(cell) != 2 or min(cell) < 1 for cell in grid):
+        raise ValueError(f"--grid {args.grid!r}: comma-separated BxN cells with B, N >= 1, e.g. 16x32,64x128.")
     if args.cvxpy_samples is None:
         args.cvxpy_samples = 3 if args.quick else 8
     have_qpth = importlib.util.find_spec("qpth") is not None

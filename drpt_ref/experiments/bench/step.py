@@ -41,7 +41,7 @@ from transformers import AutoConfig, GPT2LMHeadModel
 
 from drpt_ref.core.methods import METHODS
 from drpt_ref.experiments.bench.floor import floor_table, machine_rates, model_counts, phase_floors
-from drpt_ref.experiments.bench.run_flags import add_model_run_flags
+from drpt_ref.experiments.bench.run_flags import add_model_run_flags, check_model_run_flags
 from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
 from drpt_ref.experiments.bench.solvers import cpu_name
 from drpt_ref.flags import write_output
@@ -302,6 +302,7 @@ def render(rows, cross, header) -> str:
 
 def run(args) -> int:
     device = torch.device(args.device)  # checked by bench/command.py (run)
+    check_model_run_flags(args)
     if args.repeat < 1 or args.m_target < 1:
         raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
     torch.set_num_threads(args.threads)
