@@ -148,8 +148,9 @@ def test_decoding_uses_the_kv_cache_under_its_current_name_without_a_deprecation
     assert greedy_ids(forget, tok, prompts, 10, batch_size=2) != greedy_reference
 
 
-def test_a_bad_stop_check_every_is_refused():
-    """0 used to mean the default, a negative number or a float a cadence of its own, a string a TypeError."""
+def test_bad_sampling_arguments_are_refused():
+    """stop_check_every: 0 used to mean the default, a negative number or a float a cadence of its own, a string a
+    TypeError; max_new_tokens = 0 failed in torch.stack; a missing generator raised an AttributeError."""
     import pytest
 
     tok = build_tokenizer()
@@ -157,3 +158,7 @@ def test_a_bad_stop_check_every_is_refused():
     for bad in (0, -1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="stop_check_every"):
             sample_completions(model, tok, ["1+1="], 2, 4, 1.0, step_generator(0, 0), stop_check_every=bad)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        sample_completions(model, tok, ["1+1="], 2, 0, 1.0, step_generator(0, 0))
+    with pytest.raises(ValueError, match="generator is on None"):  # not a generator (the global stream is not used)
+        sample_completions(model, tok, ["1+1="], 2, 4, 1.0, None)

@@ -60,14 +60,18 @@ def sample_completions(model, tok, prompts: list[str], group_size: int, max_new_
         raise ValueError(f"group_size={group_size} must be >= 1 (completions sampled per prompt).")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use evaluate.greedy_generate for greedy).")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (tokens sampled per completion).")
     if stop_check_every is not None and (isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int)
                                          or stop_check_every < 1):
         raise ValueError(f"stop_check_every={stop_check_every!r} must be an int >= 1 (decoding steps between host "
                          "reads of 'every row ended'), or None for the device's default.")
     device = next(model.parameters()).device
-    if generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model on {device}: sampling draws on the model's "
-                         f"device; pass torch.Generator(device='{device.type}') (run_state.step_generator(..., "
+    gen_device = getattr(generator, "device", None)
+    if gen_device is None or gen_device.type != device.type or \
+            (device.index is not None and gen_device.index is not None and gen_device.index != device.index):
+        raise ValueError(f"generator is on {gen_device} but the model on {device}: sampling draws on the model's "
+                         f"device; pass torch.Generator(device='{device}') (run_state.step_generator(..., "
                          "device=...))")
     rows = [p for p in prompts for _ in range(group_size)]  # B*G prompts, each repeated G times
     batch = {k: v.to(device) for k, v in encode_prompts(tok, rows).items()}
