@@ -60,11 +60,10 @@ def cheap_flags(K, b, c):
     ]), asym
 
 
-def check_batch(K, b, c, validate: str = "cheap", flags_fn=None):
+def check_batch(K, b, c, validate: str = "cheap", flags_fn=cheap_flags):
     """Refuse bad (K, b, c) with the messages of `check_gram`; return them as one dtype and device.
 
-    flags_fn: the function computing `cheap_flags` (None: cheap_flags itself; compiled.py passes its compiled copy)."""
-    flags_fn = cheap_flags if flags_fn is None else flags_fn
+    flags_fn: the function computing `cheap_flags` (compiled.py passes its compiled copy)."""
     for name, x in (("K", K), ("b", b), ("c", c)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch tensor for project_batched (use drpt_ref.project for numpy).")

@@ -103,12 +103,12 @@ def fista_step(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, exact: bool = True, s
     return z_new, y, t
 
 
-def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None, exact: bool = True, step=None):
+def fista(Kx: ScaledGram, bx, fs: JacobiSet, z, y, t, steps: int, record=None, exact: bool = True,
+          step=fista_step):
     """Eq. (10): `steps` iterations of FISTA with gradient restart, step 1 (scaled problem), in the
     dtype of Kx. K^ (A, n, n), (A, n), state z, y (A, n), t (A,) -> z, y, t; record(z) after each iteration.
     exact=False (the scout, whose iterate is lifted by an exact projection) skips the Newton step of the
-    projections (sums to cumsum round-off). step: the iteration (None: fista_step; compiled.py passes its copy)."""
-    step = fista_step if step is None else step
+    projections (sums to cumsum round-off). step: the iteration (fista_step; compiled.py passes its copy)."""
     for _ in range(steps):
         z, y, t = step(Kx, bx, fs, z, y, t, exact)
         if record is not None:
@@ -136,13 +136,13 @@ def _scale(K, cap, first_dtype):
 
 def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHECK_EVERY, first_check=FIRST_CHECK,
              use_polish=True, trace=False, polish_rounds=POLISH_ROUNDS, uncapped=None, sync_free=False,
-             scout_step=None) -> QPResult:
+             scout_step=fista_step) -> QPResult:
     """Minimize 1/2 w^T K w - b^T w over the capped simplex (cap (B,)) or the cone (cap None).
 
     uncapped: True when every cap is >= 1 (the simplex; None: read from cap). sync_free=True: no host read (a fixed
     schedule, section 3 of theory/batched_solvers.md: `first_check` iterations, one polish of SYNC_FREE_POLISH_STEPS
     steps on faces padded to n, one certificate); the caller reads `converged` and re-solves what failed.
-    scout_step: the FISTA iteration of the scout (eq. (10'); None: fista_step; compiled.py passes its compiled copy,
+    scout_step: the FISTA iteration of the scout (eq. (10'); fista_step, or the compiled copy of compiled.py,
     which runs on the full batch only, so one shape)."""
     B, n = b.shape
     dtype, device = b.dtype, b.device

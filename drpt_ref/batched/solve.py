@@ -23,11 +23,18 @@ import warnings
 
 import torch
 
-from drpt_ref.batched.checks import check_batch, check_batch_params, warn_not_converged
+from drpt_ref.batched.checks import cheap_flags, check_batch, check_batch_params, warn_not_converged
 from drpt_ref.batched.polish import bmv
 from drpt_ref.batched.projections import lmo_value, topk_vertex
-from drpt_ref.batched.qp import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_qp
-from drpt_ref.core.certificate import ITERATIVE, accurate_objective, certify, clean_weights, tolerances
+from drpt_ref.batched.qp import DEFAULT_MAX_ITER, DEFAULT_TOL, fista_step, solve_qp
+from drpt_ref.core.certificate import (
+    ITERATIVE,
+    accurate_objective,
+    accurate_residual,
+    certify,
+    clean_weights,
+    tolerances,
+)
 from drpt_ref.core.direction import Direction
 from drpt_ref.core.methods import check_solver_options
 from drpt_ref.core.project import project
@@ -38,12 +45,12 @@ SUBSPACE_RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 REFINE_STEPS = 3
 
 
-def gram_objective_batched(K, b, c, alpha, w, residual=None):
+def gram_objective_batched(K, b, c, alpha, w, residual=accurate_residual):
     """Eq. (2) for a batch, in twice float64's precision, never negative (core/certificate.accurate_objective).
 
-    (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,) in K's dtype; residual: compiled.py's Dot2 residual (None: eager)
+    (B, n, n), (B, n), (B,), (B,), (B, n) -> (B,) in K's dtype; residual: accurate_residual or compiled.py's copy
     """
-    return accurate_objective(K, b, c, alpha, w, **({} if residual is None else {"residual": residual})).to(K.dtype)
+    return accurate_objective(K, b, c, alpha, w, residual).to(K.dtype)
 
 
 def _solve_subspace(K, b, ridge, sync_free: bool = False):
@@ -74,16 +81,16 @@ def _solve_subspace(K, b, ridge, sync_free: bool = False):
     return a * x, resid / scale.clamp_min(torch.finfo(K.dtype).tiny)
 
 
-def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, sync_free=False, residual=None):
+def _certify_and_repair(K, b, c, method, p, w, info, repair=True, warn=True, sync_free=False,
+                        residual=accurate_residual):
     """Clean w onto the set, certify every problem on (K, b, c) as given (core/certificate.py); re-solve the
     problems that fail with the exact solver in float64 and keep whichever answer certifies better.
     Fills info (converged, certificate, certificate_kind, feasibility, repaired); returns w (B, n).
-    residual: the compiled accurate_residual of compiled.py for the batch (None: the eager one)."""
+    residual: accurate_residual, or its compiled copy (compiled.py)."""
     cap = {"simplex": torch.ones_like(c), "capped_simplex": 1.0 / p["k"] if "k" in p else None}.get(method)
     ridge = p.get("ridge")
     w = clean_weights(method, w, cap, diag=K.diagonal(dim1=-2, dim2=-1))
-    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype, sync_free=sync_free,
-                   **({} if residual is None else {"residual": residual}))
+    cert = certify(K, b, c, method, w, cap=cap, ridge=ridge, dtype=K.dtype, sync_free=sync_free, residual=residual)
     failed = (~cert["passed"]).nonzero().flatten().tolist() if repair else []  # one host read
     for i in failed:  # the exact rung of the ladder, one problem at a time (rare: degenerate data)
         params = {"k": float(p["k"][i])} if method == "capped_simplex" else (
@@ -143,12 +150,14 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     if not isinstance(compiled, bool):  # a truthy string ("False") would otherwise compile
         raise ValueError(f"compiled={compiled!r} must be True (torch.compile'd kernels) or False (the eager "
                          "reference).")
-    kernels = None
+    # the four functions compiled.py compiles: the eager ones (the reference), or their compiled copies
+    flags_fn, scout_step, residual, objective_residual = cheap_flags, fista_step, accurate_residual, accurate_residual
     if compiled:  # imported here: torch.compile's machinery loads only when asked for
         from drpt_ref.batched.compiled import compiled_kernels
 
-        kernels = compiled_kernels(K.device if isinstance(K, torch.Tensor) else "cpu")
-    K, b, c = check_batch(K, b, c, validate, flags_fn=None if kernels is None else kernels.flags)
+        k = compiled_kernels(K.device if isinstance(K, torch.Tensor) else "cpu")
+        flags_fn, scout_step, residual, objective_residual = k.flags, k.scout_step, k.residual, k.objective_residual
+    K, b, c = check_batch(K, b, c, validate, flags_fn=flags_fn)
     B, n = b.shape
     p = check_batch_params(method, params, B, n, b)
     dtype, device = b.dtype, b.device
@@ -205,7 +214,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
             res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace,
                            uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free,
-                           scout_step=None if kernels is None else kernels.scout_step)
+                           scout_step=scout_step)
             w = res.w
             info.update(iterations=res.iterations)
             if trace:
@@ -216,11 +225,10 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
             info.update(iterations=torch.full((B,), 1 + REFINE_STEPS, dtype=torch.long, device=device))
         if method in ITERATIVE:  # certified on the data as given; failures re-solved exactly (certificates.md)
             w = _certify_and_repair(K, b, c, method, p, w, info, repair and not sync_free, warn=not sync_free,
-                                    sync_free=sync_free, residual=None if kernels is None else kernels.residual)
+                                    sync_free=sync_free, residual=residual)
             objective = info.pop("_objective").to(dtype)  # alpha = 0: eq. (2) at w, computed by the certificate
         else:
-            objective = gram_objective_batched(K, b, c, alpha, w, None if kernels is None else
-                                               kernels.objective_residual)
+            objective = gram_objective_batched(K, b, c, alpha, w, objective_residual)
         if method == "subspace":
             info["program_value"] = objective + 0.5 * p["ridge"] * ((w - uniform) ** 2).sum(-1)  # the ridge term
         info.setdefault("program_value", objective)
