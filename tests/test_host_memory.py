@@ -2,7 +2,8 @@
 
 Measured in a fresh process (the setting is process-wide): the minor page faults of allocating and filling an 8 MB
 tensor ten times, with glibc's threshold pinned at 128 KiB (every block mmapped, unmapped on free, zero-filled again
-by the kernel: about 2,000 faults per round) and after retain_freed_memory (the block is reused: almost none).
+by the kernel: about 2,000 faults per round), after retain_freed_memory (the block is reused: almost none), and after
+unmap_freed_memory (drpt bench step's measuring setting: unmapped on free again).
 """
 
 import ctypes.util
@@ -14,9 +15,12 @@ import pytest
 
 from drpt_ref.training.host_memory import retain_freed_memory
 
+GLIBC = pytest.mark.skipif(not sys.platform.startswith("linux") or "libc" not in str(ctypes.util.find_library("c")),
+                           reason="glibc's mallopt only")
+
 PROBE = r"""
 import ctypes, json, resource, sys, torch
-from drpt_ref.training.host_memory import retain_freed_memory
+from drpt_ref.training.host_memory import retain_freed_memory, unmap_freed_memory
 ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # pinned: every block >= 128 KiB mmapped, unmapped on free
 
 def faults_per_round():
@@ -29,18 +33,32 @@ def faults_per_round():
 
 pinned = faults_per_round()
 ok = retain_freed_memory()
-print(json.dumps({"pinned": pinned, "retained": faults_per_round(), "ok": ok}))
+retained = faults_per_round()
+ok_unmap = unmap_freed_memory()
+print(json.dumps({"pinned": pinned, "retained": retained, "ok": ok, "unmapped": faults_per_round(),
+                  "ok_unmap": ok_unmap}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or "libc" not in str(ctypes.util.find_library("c")),
-                    reason="glibc's mallopt only")
-def test_retained_blocks_are_not_faulted_in_again():
+@pytest.fixture(scope="module")
+def faults():
+    """Faults per 8 MB round in a fresh process: pinned, then retained, then unmapped again."""
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True)
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["ok"] is True
-    assert got["pinned"] > 1000  # 8 MB / 4 KiB pages = 2048 zero-filled pages per round
-    assert got["retained"] < 50, got
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@GLIBC
+def test_retained_blocks_are_not_faulted_in_again(faults):
+    assert faults["ok"] is True
+    assert faults["pinned"] > 1000  # 8 MB / 4 KiB pages = 2048 zero-filled pages per round
+    assert faults["retained"] < 50, faults
+
+
+@GLIBC
+def test_unmapped_blocks_are_faulted_in_each_time(faults):
+    """unmap_freed_memory, the measuring setting of drpt bench step, is the reverse of retain_freed_memory."""
+    assert faults["ok_unmap"] is True
+    assert faults["unmapped"] > 1000, faults  # fresh pages again every round
 
 
 def test_limit_is_checked():

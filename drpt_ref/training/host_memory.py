@@ -22,20 +22,39 @@ import ctypes
 import ctypes.util
 
 RETAIN_BYTES = 1 << 30  # 1 GiB: larger than any block of a CPU run of this package; larger blocks are still mmapped
+UNMAP_BYTES = 128 * 1024  # glibc's own starting M_MMAP_THRESHOLD: every block from 128 KiB up is mmapped
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 _C_INT_MAX = 2**31 - 1  # mallopt(int param, int value)
 
 
 def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     """Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to `limit` bytes; True if both were set (glibc only)."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 128 * 1024 <= limit <= _C_INT_MAX:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not UNMAP_BYTES <= limit <= _C_INT_MAX:
         raise ValueError(f"limit={limit!r} must be an int of at least 131072 bytes (glibc's own starting threshold) "
                          f"and at most {_C_INT_MAX} (mallopt takes a C int; ctypes would silently wrap a larger "
                          "value, 2**32 to 0, which maps every block).")
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (or no libc by that name): nothing to set
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def unmap_freed_memory() -> bool:
+    """The reverse, for a measurement of the resident set (drpt bench step's untimed memory pass): every block from
+    UNMAP_BYTES up is mmapped and unmapped on free, and the heap's free blocks are returned now (malloc_trim), so the
+    resident set follows the tensors. retain_freed_memory() undoes it. True if set (glibc only)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, UNMAP_BYTES))
+
+
+def _glibc():
+    """The C library if it has glibc's mallopt and malloc_trim, else None (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError where they are missing
+    except (OSError, AttributeError):
+        return None
+    return libc

@@ -26,7 +26,6 @@ Shapes: general input_ids (n, T), target input_ids (m, T); loss mask on the seco
 from __future__ import annotations
 
 import copy
-import ctypes
 import datetime
 import functools
 import os
@@ -51,7 +50,7 @@ from drpt_ref.losses.sft import SFTLoss
 from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
 from drpt_ref.training import dr_step as dr_step_module
 from drpt_ref.training.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
-from drpt_ref.training.host_memory import retain_freed_memory
+from drpt_ref.training.host_memory import retain_freed_memory, unmap_freed_memory
 
 ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
 
@@ -113,22 +112,6 @@ def parse_cells(text: str, name: str, m: int | None = None) -> list[tuple[int, .
 
 # ---- memory and timing -----------------------------------------------------------------------------------------
 
-def _pin_mmap_threshold() -> None:
-    """glibc: allocations >= 128 KiB are mmapped and returned on free, so the resident set follows the tensors."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _release_free_heap() -> None:
-    """glibc: return the heap's free blocks to the OS (malloc_trim), so that the next allocations show in the RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -145,8 +128,7 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type != "cuda":  # the resident set follows the tensors only while freed blocks are unmapped:
-            _pin_mmap_threshold()  # a measuring pass, never timed; __exit__ restores the timed runs' setting
-            _release_free_heap()  # and the blocks the timed runs kept are returned, not reused unseen
+            unmap_freed_memory()  # a measuring pass, never timed; __exit__ restores the timed runs' setting
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -302,9 +284,9 @@ def render(rows, cross, header) -> str:
 
 def run(args) -> int:
     device = torch.device(args.device)  # checked by bench/command.py (run)
-    check_model_run_flags(args)
-    if args.repeat < 1 or args.m_target < 1:
-        raise ValueError(f"--repeat={args.repeat} and --m-target={args.m_target} must be >= 1")
+    check_model_run_flags(args)  # --repeat, --threads, --sketch-dim
+    if args.m_target < 1:
+        raise ValueError(f"--m-target={args.m_target} must be >= 1")
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as drpt train (cli.py): freed host blocks stay mapped between steps
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
