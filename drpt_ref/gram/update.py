@@ -60,17 +60,24 @@ def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
             with no_autocast(F):
                 flat = coef.to(F.dtype) @ F  # (p_l,)
             W = flat[:layer.d_in * layer.d_out].reshape(layer.d_in, layer.d_out)  # (d_in, d_out)
-            update[f"{layer.name}.weight"] = W if layer.conv1d else W.T
+            # in the parameter's own layout and contiguous: the optimizer's kernels run several times slower
+            # on a transposed gradient (theory/step_cost.md, section 3)
+            update[f"{layer.name}.weight"] = W if layer.conv1d else W.T.contiguous()  # (d_out, d_in) for nn.Linear
             if layer.has_bias:
                 update[f"{layer.name}.bias"] = flat[layer.d_in * layer.d_out:]  # (d_out,)
             continue
         a, e = a.to(acc), e.to(acc)  # one layer widened at a time
-        e_weighted = e * coef[unit][:, None, None]  # (R, T, d_out)
-        with no_autocast(a):
-            W = torch.einsum("rti,rto->io", a, e_weighted)  # (d_in, d_out): sum_u coef_u sum_t a_t e_t^T
-        update[f"{layer.name}.weight"] = W if layer.conv1d else W.T
+        row_coef = coef[unit][:, None, None]  # (R, 1, 1) each row's unit weight
+        if layer.d_in <= layer.d_out:  # the weight goes on the narrower of a, e (one copy of it)
+            a, e_weighted = a * row_coef, e  # (R, T, d_in)
+        else:
+            e_weighted = e * row_coef  # (R, T, d_out)
+        a2, e2 = a.reshape(-1, layer.d_in), e_weighted.reshape(-1, layer.d_out)  # (R T, d_in), (R T, d_out)
+        with no_autocast(a):  # sum_u coef_u sum_t a_t e_t^T as one matrix product, in the parameter's layout
+            W = a2.T @ e2 if layer.conv1d else e2.T @ a2  # (d_in, d_out) Conv1D, (d_out, d_in) nn.Linear
+        update[f"{layer.name}.weight"] = W
         if layer.has_bias:
-            update[f"{layer.name}.bias"] = e_weighted.sum((0, 1))  # (d_out,)
+            update[f"{layer.name}.bias"] = coef[unit] @ e.sum(1)  # (d_out,): sum over rows r of coef_u(r) sum_t e_t
     return update
 
 

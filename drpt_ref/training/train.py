@@ -53,6 +53,7 @@ from drpt_ref.training.coverage import format_coverage, uncovered_trainable
 from drpt_ref.training.hpt import HPTLoss
 from drpt_ref.training.lora import add_lora, check_lora_settings
 from drpt_ref.training.model_folder import check_model_folder, load_model_folder
+from drpt_ref.training.optimizer import OPTIMIZERS, make_optimizer
 from drpt_ref.training.rules import RuleEnv, check_method_config, make_rule
 from drpt_ref.training.run_files import acquire_lock, release_lock
 from drpt_ref.training.run_state import (
@@ -167,8 +168,8 @@ def check_settings(cfg: TrainConfig) -> dict:
         raise ValueError(f"paradigm={cfg.paradigm!r} is unknown; use one of {PARADIGMS}.")
     check_method_config(cfg)  # the method name and its rule's parameters
     dr.check_step_args(cfg.method, cfg.solver, cfg.gram, rule=cfg.method not in dr.METHODS)
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer={cfg.optimizer!r} must be 'adamw' or 'sgd'.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r} must be one of {OPTIMIZERS}.")
     dr.check_precision(cfg.dtype, cfg.autocast, cfg.device, cfg.optimizer)  # theory/precision.md
     positive_ints = ("steps", "n_general", "m_target", "target_size", "pool_size", "sketch_dim", "eval_every",
                      "eval_n", "checkpoint_every", "max_new_tokens")
@@ -289,9 +290,7 @@ def _train(cfg: TrainConfig, files: dict | None = None) -> str:
     params = params + [dict(model.named_parameters())[name] for name in uncovered]
     if cfg.progress and main:
         print(format_coverage(model, outside, cfg.train_uncovered), flush=True)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
-    opt_kw = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
-    optimizer = opt_cls(params, lr=cfg.lr, **opt_kw)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)  # fused AdamW where torch has it
     start, resumed = load_checkpoint(cfg.out, model, optimizer, run_id) if cfg.resume else (0, None)
     if cfg.steps < start:
         raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint in {cfg.out!r} ({start}); "

@@ -51,6 +51,7 @@ from drpt_ref.losses.unit_batch import RowBatch, token_logprobs
 from drpt_ref.training import dr_step as dr_step_module
 from drpt_ref.training.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
 from drpt_ref.training.host_memory import retain_freed_memory, unmap_freed_memory
+from drpt_ref.training.optimizer import make_optimizer
 
 ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
 
@@ -207,7 +208,7 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, rates:
     loss, knobs, fns = SFTLoss(), Knobs(), []
     for method, engine in [("standard", "-")] + configs:
         copied = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
-        opt = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-4)
+        opt = make_optimizer("adamw", [p for p in copied.parameters() if p.requires_grad], lr=1e-4)  # as drpt train
         if method == "standard":
             fns.append(functools.partial(standard_step, copied, opt, loss, general))
         else:
