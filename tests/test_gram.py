@@ -13,7 +13,7 @@ from gram_cases import make_batch, problem, tiny_gpt2, unit_loss
 from drpt_ref.batched.solve import project_batched
 from drpt_ref.gram.compute import compute_gram, gram_from_capture, kbc_from_joint
 from drpt_ref.gram.exact import per_unit_gradients
-from drpt_ref.gram.ghost import capture, use_pair_form
+from drpt_ref.gram.ghost import capture, collapsed_gram, use_pair_form
 from drpt_ref.gram.layers import covered_layers, covered_parameters
 from drpt_ref.gram.sketch import sketch_joint_gram
 from drpt_ref.gram.update import assemble_update, weighted_backward_update
@@ -244,3 +244,13 @@ def test_bad_inputs_name_the_argument():
             compute_gram(model, loss, general, target, "ghost")
     finally:
         model.eval()
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_collapsed_gram_is_the_product_of_its_rows(n):
+    """The three-block J of a collapsed F equals F F^T (float64, closed form) and is exactly symmetric."""
+    F = torch.randn(n + 1, 300, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    F[0] = 0.0  # a unit whose gradient vanishes in this layer
+    J = collapsed_gram(F, n)
+    assert J.shape == (n + 1, n + 1) and torch.equal(J, J.T)
+    assert torch.allclose(J, F @ F.T, rtol=1e-13, atol=1e-12) and torch.all(J[0] == 0)

@@ -50,13 +50,16 @@ def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
     acc = accumulation_dtype(*cap.a, *cap.e)  # float32 for half-precision captures, eq. (1) in theory/precision.md
     alpha, weights = _per_layer_coefficients(alpha, weights, L, n, cap.a[0].new_empty((), dtype=acc))
     unit = cap.batch.unit  # (R,)
+    target_coef = (alpha / m).unsqueeze(1)  # (L, 1)
+    unit_coef = torch.cat([weights, target_coef.expand(L, m)], dim=1)  # (L, n + m) weight of each unit, eq. (10)
+    row_coef = torch.cat([weights, target_coef], dim=1)  # (L, n + 1) the target units summed into one row
     update = {}
     for l, (layer, a, e) in enumerate(zip(cap.layers, cap.a, cap.e)):
-        coef = torch.cat([weights[l], (alpha[l] / m).expand(m)])  # (n + m,) weight of each unit, eq. (10)
+        coef = unit_coef[l]  # (n + m,)
         F = cap.flat.get(layer.name)  # (U or n + 1, p_l): the per-unit gradients the ghost Gram kept, if any
         if F is not None:  # eq. (10) as coef^T F: 2 U p_l FLOPs (theory/step_cost.md, eq. (3))
             if F.shape[0] == n + 1:  # the target units summed into one row (gram/ghost.py, collapse)
-                coef = torch.cat([weights[l], (alpha[l] / m).reshape(1)])  # (n + 1,)
+                coef = row_coef[l]  # (n + 1,)
             with no_autocast(F):
                 flat = coef.to(F.dtype) @ F  # (p_l,)
             W = flat[:layer.d_in * layer.d_out].reshape(layer.d_in, layer.d_out)  # (d_in, d_out)

@@ -12,8 +12,9 @@ the causal attention FLOPs per token (D = heads x head dim, L_b blocks):
     forward                      2 N (P + H) + N A                                         eq. (1)
     backward, standard           2 N (P_in + H) + 2 N A + 2 N P   (input and weight gradients)
     backward with capture        2 N (P_in + H) + 2 N A           (no weight gradient)      eq. (2)
-    Gram                         sum_l min(2 N p_l + 2 (n + 1)^2 p_l,  2 U^2 T_u^2 (d_in + d_out))      eq. (5)
-    update                       2 (n + 1) P (from the kept per-unit gradients) + AdamW's traffic      eq. (3)
+    Gram                         sum_l min(2 N p_l + 2 (n^2 + n + 1) p_l,  2 U^2 T_u^2 (d_in + d_out))  eq. (5)
+    update                       max(2 (n + 1) P FLOPs, (n + 1) P float32 reads) from the kept per-unit
+                                 gradients (a vector-matrix product is memory-bound: eq. (3')) + AdamW's traffic
     solve                        O(iterations n^2): no floor worth the name; reported in ms (launch bound)
 
 Shapes: none (counts from the model's covered layers and config).
@@ -29,6 +30,7 @@ from drpt_ref.gram.ghost import KEEP_FLAT_RATIO, use_pair_form
 from drpt_ref.gram.layers import covered_layers
 
 ADAMW_BYTES_PER_PARAM = 7 * 4  # float32: read p, g, m, v; write p, m, v
+F_BYTES = 4  # one element of the kept per-unit gradients F: float32 (the benchmark's models are float32)
 
 
 def machine_rates(device, repeat: int = 5) -> dict:
@@ -102,18 +104,19 @@ def phase_floors(counts: dict, n: int, m: int, T: int, rates: dict) -> dict:
         return (2 * N * (P + H) + A + 2 * N * (P_in + H) + 2 * A + (2 * N * P if weight_grads else 0)) / flops
 
     U, N = n + m, (n + m) * T
-    gram, update = 0.0, 0.0
+    gram, update, update_read = 0.0, 0.0, 0.0
     for d_in, d_out, bias in counts["layers"]:
         p_l = (d_in + bias) * d_out  # the bias gradient is one more row of the per-unit product (gram/ghost.py)
         if use_pair_form(T, d_in, d_out, U):
             gram += 2 * U * U * T * T * (d_in + d_out) + (2 * U * U * d_out if bias else 0)
             update += 2 * N * d_in * d_out
         else:  # the m target units summed into one row: n + 1 rows of F (eq. (5) in theory/step_cost.md)
-            gram += 2 * N * p_l + 2 * (n + 1) ** 2 * p_l
+            gram += 2 * N * p_l + 2 * (n * n + n + 1) * p_l  # F, then K = F_n F_n^T, F_n f_T, f_T . f_T
             kept = (n + 1) * p_l <= KEEP_FLAT_RATIO * N * (d_in + d_out)  # eq. (3): from F if kept, else a and e
             update += 2 * (n + 1) * p_l if kept else 2 * N * d_in * d_out
+            update_read += F_BYTES * (n + 1) * p_l if kept else 0.0  # eq. (3'): F read once
     adamw = ADAMW_BYTES_PER_PARAM * (P + sum(d_out for _, d_out, bias in counts["layers"] if bias)) / bw
-    update = update / flops + adamw
+    update = max(update / flops, update_read / bw) + adamw  # a roofline: the products' FLOPs or F's reads
     return {"standard": {"forward_backward": fwd_bwd(n * T, True), "gram": 0.0, "solve": 0.0, "update": adamw},
             "dr": {"forward_backward": fwd_bwd(N, False), "gram": gram / flops, "solve": 0.0, "update": update}}
 
