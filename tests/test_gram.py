@@ -119,6 +119,7 @@ def test_untied_lm_head_is_covered_as_nn_linear():
     back = weighted_backward_update(model, unit_loss("sft"), general, target, 0.5, w)
     named = dict(model.named_parameters())
     for keep_flat in (False, True):  # from a and e, then from the per-unit gradients F the ghost Gram kept
+        # (test_update_from_kept_and_captured_layers_mixed: both kinds of layer in one update)
         cap = capture(model, unit_loss("sft"), general, target)
         if keep_flat:
             gram_from_capture(cap, "ghost", ghost_mode="materialize")
@@ -254,3 +255,28 @@ def test_collapsed_gram_is_the_product_of_its_rows(n):
     J = collapsed_gram(F, n)
     assert J.shape == (n + 1, n + 1) and torch.equal(J, J.T)
     assert torch.allclose(J, F @ F.T, rtol=1e-13, atol=1e-12) and torch.all(J[0] == 0)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_update_from_kept_and_captured_layers_mixed(per_layer):
+    """Layers whose F was kept and layers assembled from a and e, alternating in one update (large models keep F only
+    for their narrow layers, KEEP_FLAT_RATIO): every parameter equals the reference from materialized gradients."""
+    model, loss, general, target, exact = setup("sft")
+    n, L = general.num_units, exact.num_layers
+    grads = per_unit_gradients(model, loss, concat_batches(general, target))
+    cap = capture(model, loss, general, target)
+    gram_from_capture(cap, "ghost", ghost_mode="materialize")
+    for layer in cap.layers[1::2]:  # every other layer forgets its F: assembled from a and e
+        cap.flat.pop(layer.name)
+    assert 0 < len(cap.flat) < len(cap.layers)
+    layer_index = {p: l for l, layer in enumerate(cap.layers) for p in layer.param_names}
+    gen = torch.Generator().manual_seed(3)
+    if per_layer:
+        alpha = torch.rand(L, generator=gen, dtype=torch.float64)
+        w = torch.randn(L, n, generator=gen, dtype=torch.float64)
+    else:
+        alpha, w = torch.tensor(0.4, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    a_l, w_l = (alpha, w) if per_layer else ([alpha] * L, [w] * L)
+    ref = _reference_update(grads, n, a_l, w_l, layer_index.get)
+    up = assemble_update(cap, alpha, w)
+    assert set(up) == set(ref) and all(rel(up[p], ref[p]) <= UPDATE_RTOL for p in ref)

@@ -70,11 +70,11 @@ def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
                 update[f"{layer.name}.bias"] = flat[layer.d_in * layer.d_out:]  # (d_out,)
             continue
         a, e = a.to(acc), e.to(acc)  # one layer widened at a time
-        row_coef = coef[unit][:, None, None]  # (R, 1, 1) each row's unit weight
+        per_row = coef[unit][:, None, None]  # (R, 1, 1) the weight of each row's unit
         if layer.d_in <= layer.d_out:  # the weight goes on the narrower of a, e (one copy of it)
-            a, e_weighted = a * row_coef, e  # (R, T, d_in)
+            a, e_weighted = a * per_row, e  # (R, T, d_in)
         else:
-            e_weighted = e * row_coef  # (R, T, d_out)
+            e_weighted = e * per_row  # (R, T, d_out)
         a2, e2 = a.reshape(-1, layer.d_in), e_weighted.reshape(-1, layer.d_out)  # (R T, d_in), (R T, d_out)
         with no_autocast(a):  # sum_u coef_u sum_t a_t e_t^T as one matrix product, in the parameter's layout
             W = a2.T @ e2 if layer.conv1d else e2.T @ a2  # (d_in, d_out) Conv1D, (d_out, d_in) nn.Linear
