@@ -27,3 +27,22 @@ def test_bench_solvers_refuses_bad_counts_and_grids(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "solvers", "--methods", "target", "--eager-only", flag, value])
         assert exit_.value.code == 2 and flag in capsys.readouterr().err, (flag, value)
+
+
+def test_bench_solvers_does_not_call_eager_times_compiled(capsys, monkeypatch):
+    """If torch.compile fails, the kernels run eager (batched/compiled.py): the table leaves the compiled column empty
+    and says why, instead of printing eager times under 'compiled ms'."""
+    import drpt_ref.batched.compiled as compiled
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler (test)")
+
+    kern = compiled.compiled_kernels("cpu", backend=failing_backend)
+    monkeypatch.setattr(compiled, "_CPU", kern)
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed"):
+        assert main(["bench", "solvers", "--quick", "--methods", "simplex", "--grid", "4x8", "--cvxpy-samples",
+                     "2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| simplex | 4 | 8 |"))
+    assert row.split("|")[5].strip() == "-"  # compiled ms
+    assert "Compiled column empty: torch.compile of" in out and compiled.failed_kernels(kern)

@@ -162,6 +162,13 @@ _CPU = _build("cpu")
 _CUDA = _build("cuda")
 
 
+def failed_kernels(kernels: Kernels) -> list[str]:
+    """The names of the kernels whose compilation failed (they run eager from then on, in this process)."""
+    guarded = (kernels.residual, kernels.objective_residual, kernels.flags, kernels.scout_step.simplex,
+               kernels.scout_step.capped, kernels.scout_step.cone)
+    return [g.name for g in guarded if g.failed]
+
+
 def compiled_kernels(device: torch.device | str, backend=None) -> Kernels:
     """The compiled kernels for a device type (CUDA: CUDA graphs; other devices: the CPU options). backend: a
     torch.compile backend instead of Inductor (tests pass a failing one to exercise the eager fallback)."""

@@ -31,6 +31,7 @@ import cvxpy
 import numpy as np
 import torch
 
+from drpt_ref.batched.compiled import compiled_kernels, failed_kernels
 from drpt_ref.batched.solve import project_batched
 from drpt_ref.core.direction import program_value
 from drpt_ref.core.instances import FAMILIES, random_params, random_problem
@@ -153,6 +154,9 @@ def bench_cell(rng, method, B, n, args, device, have_qpth):
     t_batched, res, _ = time_batched(problems, params, method, device, args.repeat)
     t_comp, res_c, warm = (None, None, None) if args.eager_only else time_batched(problems, params, method, device,
                                                                                args.repeat, compiled=True)
+    failed = [] if args.eager_only else failed_kernels(compiled_kernels(device))
+    if failed:  # those kernels ran eager: the time is no compiled figure (the RuntimeWarning said why)
+        t_comp, res_c, warm = None, None, None
     from drpt_ref.core.project import project
 
     t_exact, n_exact = time_loop(lambda i: project(problems[i].K, problems[i].b, problems[i].c, method, **params[i]),
@@ -178,7 +182,8 @@ def bench_cell(rng, method, B, n, args, device, have_qpth):
     gap = max((gap_over_tol(values[i], refs[i]) for i in ok), default=float("nan"))
     gap_c = None if res_c is None else max((gap_over_tol(res_c.info["program_value"].cpu().numpy()[i], refs[i])
                                             for i in ok), default=float("nan"))
-    row = dict(method=method, B=B, n=n, batched=t_batched, compiled=t_comp, compile_s=warm, exact=t_exact,
+    row = dict(method=method, B=B, n=n, batched=t_batched, compiled=t_comp, compile_failed=failed, compile_s=warm,
+               exact=t_exact,
                exact_runs=n_exact, cvxpy=t_cvxpy, cvxpy_runs=samples, gap=gap, gap_c=gap_c, qpth=None, qpth_gap=None)
     if have_qpth and method in QP_METHODS:
         t_q, w_q = run_qpth(problems, params, method, device)
@@ -220,7 +225,8 @@ def render(rows, header_lines):
         if (r["method"], r["B"], r["n"]) == ("simplex", 64, 128):
             comp = r["compiled"] is not None
             best = r["compiled"] if comp else r["batched"]
-            name = "compiled" if comp else "eager (--eager-only)"
+            name = "compiled" if comp else (f"eager (compiling {', '.join(r['compile_failed'])} failed)"
+                                            if r["compile_failed"] else "eager (--eager-only)")
             q = "qpth not run" if r["qpth"] is None else (
                 f"{r['qpth'] / best:.1f}x faster than qpth (needs >= 5x; gap/tol "
                 f"{fmt_gap(r['gap_c'] if comp else r['gap'])} vs qpth {fmt_gap(r['qpth_gap'])})")
@@ -230,6 +236,10 @@ def render(rows, header_lines):
                       f"the batch{eager_note}; {q}; "
                       f"{ratio:.1f}x faster per problem than the cvxpy loop (eager {r['cvxpy'] / r['batched']:.1f}x). "
                       f"The issue asks >= 100x: {'MET' if ratio >= 100 else 'NOT met'}."]
+    failed = sorted({name for r in rows for name in r["compile_failed"]})
+    if failed:
+        lines += ["", f"Compiled column empty: torch.compile of {', '.join(failed)} failed in this run (see the "
+                  "RuntimeWarning), so those kernels ran eager; install a C++ compiler (g++) for Inductor."]
     lines += ["", "Loop times marked (m run) ran m problems and are extrapolated to B; gap/tol <= 1 meets the "
               "float64 acceptance bar (1e-7 relative + 1e-9 absolute) against cvxpy on the cvxpy-sampled problems. "
               "exact/best and qpth/best divide by the compiled time (the eager one with --eager-only); compile s is "
