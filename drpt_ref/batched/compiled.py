@@ -16,10 +16,11 @@ function itself, handed to torch.compile, so the eager code stays the one defini
                  path differs from eager by
                  round-off (the scout only looks for the face: the polish and the certificate decide)
 
-On CUDA the kernels use mode="reduce-overhead" (CUDA graphs; their outputs are cloned, as a replay overwrites
-them); that path is written but untested (no GPU was lent). Its bitwise equality is not shown either: Inductor's
-Triton kernels are built with floating-point fusion on (enable_fp_fusion unless config.emulate_precision_casts), so
-a multiply and an add may become one FMA, which the error-free TwoSum / TwoProduct above do not allow for.
+On CUDA the kernels use CUDA graphs (the option mode="reduce-overhead" sets; their outputs are cloned, as a replay
+overwrites them) and emulate_precision_casts: Inductor builds its Triton kernels with floating-point fusion on unless
+that option is set (enable_fp_fusion = not emulate_precision_casts, torch 2.13), and a multiply and an add fused into
+one FMA would break the error-free TwoSum / TwoProduct above. That path is written but untested (no GPU was lent),
+and its bitwise equality with eager is not shown.
 Shapes are static (dynamic=False): a new (B, n) compiles again, once per process, and warm-up seconds are reported
 by `drpt bench solvers`. If compiling fails (no C++ compiler, an unsupported op) the call runs the eager function,
 with a RuntimeWarning naming the reason; the answer is then the eager one.
@@ -146,8 +147,10 @@ class Kernels:
 def _build(device_type: str, backend="inductor") -> Kernels:
     cuda = device_type == "cuda"
     opts = dict(backend=backend, dynamic=False, fullgraph=True)
-    if cuda and backend == "inductor":
-        opts["mode"] = "reduce-overhead"  # CUDA graphs: one launch per kernel call (untested here)
+    if cuda and backend == "inductor":  # (untested here: no GPU was lent)
+        # CUDA graphs (mode="reduce-overhead"'s one option: one launch per kernel call), and no fused multiply-add in
+        # the Triton kernels, which would break the error-free TwoSum / TwoProduct of the Dot2 residual
+        opts["options"] = {"triton.cudagraphs": True, "emulate_precision_casts": True}
     named = (("accurate_residual", _residual_certificate), ("accurate_residual (objective)", _residual_objective),
              ("cheap_flags", cheap_flags), ("fista_step (simplex)", _scout_simplex),
              ("fista_step (capped simplex)", _scout_capped), ("fista_step (cone)", _scout_cone))
