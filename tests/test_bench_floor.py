@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from drpt_ref.cli import main
-from drpt_ref.experiments.bench.floor import model_counts, phase_floors
+from drpt_ref.experiments.bench.floor import ADAMW_BYTES_PER_PARAM, model_counts, phase_floors
 from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
 from drpt_ref.experiments.bench.step import token_batch
 from drpt_ref.gram.compute import gram_from_capture
@@ -65,6 +65,13 @@ def test_floor_counts_match_torch_flop_counter(tiny, n, m, T):
     assert cap.flat, "the tiny model's per-unit gradients are small enough to be kept"
     coef = torch.rand(n, generator=gen)
     assert _flops(lambda: assemble_update(cap, 0.5, coef)) == pytest.approx(floors["dr"]["update"], rel=0.02)
+    # the memory side of the roofline, eq. (3'): at infinite FLOP rate the update's floor is the bytes of the F the
+    # ghost Gram kept (read once) plus AdamW's traffic over the covered parameters
+    memory = phase_floors(counts, n, m, T, {"flops": float("inf"), "bytes": 1.0})
+    kept_bytes = sum(F.numel() * F.element_size() for F in cap.flat.values())
+    adamw_bytes = ADAMW_BYTES_PER_PARAM * sum(p.numel() for layer in cap.layers for p in layer.params)
+    assert memory["dr"]["update"] == pytest.approx(kept_bytes + adamw_bytes, rel=1e-9)
+    assert memory["standard"]["update"] == pytest.approx(adamw_bytes, rel=1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

@@ -4,7 +4,7 @@ reference implementation of the same update); SGD unchanged; clear errors."""
 import pytest
 import torch
 
-from drpt_ref.training.optimizer import fused_supported, make_optimizer
+from drpt_ref.training.optimizer import as_grad, fused_supported, make_optimizer
 
 
 def _params(dtype, seed=0):
@@ -25,8 +25,8 @@ def test_fused_adamw_steps_as_foreach_adamw(dtype):
             q.grad = p.grad.clone()
         opt.step()
         ref.step()
-    # float32 / float64: the same arithmetic (bitwise equal here); bfloat16: a few ulps (2**-8 relative), as the fused
-    # kernel keeps its intermediates in float32 where foreach rounds every operation to bfloat16
+    # float32 / float64: the same update up to round-off (an ulp in a few element-steps of a thousand); bfloat16: a few
+    # ulps (2**-8 relative), as the fused kernel keeps its intermediates in float32 where foreach rounds each operation
     tol = {torch.bfloat16: 2e-2}.get(dtype, 1e-6)
     for p, q in zip(fused, reference):
         assert (p.detach().double() - q.detach().double()).abs().max() <= tol * q.detach().double().abs().max()
@@ -52,3 +52,21 @@ def test_sgd_and_errors():
         make_optimizer("adam", params, lr=0.1)
     with pytest.raises(ValueError, match="no parameters"):
         make_optimizer("adamw", [], lr=0.1)
+
+
+def test_as_grad_lays_out_the_gradient_as_its_parameter():
+    """A transposed update (what assemble_update once returned for nn.Linear) becomes a gradient with the parameter's
+    strides, so that the fused AdamW step equals the foreach step taken on the transposed update itself."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(6, 4, generator=gen)
+    d = torch.randn(4, 6, generator=gen).T  # (6, 4), strides (1, 6): a transposed view
+    fused, reference = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    g = as_grad(fused, d.double())
+    assert g.stride() == fused.stride() and g.dtype == fused.dtype and torch.equal(g, d)
+    assert as_grad(fused, g) is g  # already laid out: no copy
+    fused.grad, reference.grad = g, d
+    make_optimizer("adamw", [fused], lr=0.1).step()
+    torch.optim.AdamW([reference], lr=0.1, weight_decay=0.0, foreach=True).step()
+    assert torch.allclose(fused.detach(), reference.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        as_grad(fused, d.T)

@@ -196,7 +196,8 @@ def collapsed_flat(A: torch.Tensor, E: torch.Tensor, bias: bool, n: int) -> torc
 
 def collapsed_gram(F: torch.Tensor, n: int) -> torch.Tensor:
     """J = F F^T of a collapsed F (n + 1, p_l) (eq. (5) in theory/step_cost.md) as its three blocks: K = F_n F_n^T,
-    the column F_n f_T and f_T . f_T. The same numbers as one (n+1) x (n+1) product, faster: with n + 1 = 17 rows the
+    the column F_n f_T and f_T . f_T. The numbers of one (n+1) x (n+1) product up to round-off (float32: ~1e-5
+    relative at p_l = 2.5 M, the summation order differs), faster: with n + 1 = 17 rows the
     BLAS kernel runs at about half the rate of 16 rows (theory/step_cost.md, section 3). -> J (n + 1, n + 1)"""
     Fn, fT = F[:n], F[n:]  # (n, p_l), (1, p_l)
     J = F.new_empty(n + 1, n + 1)
@@ -219,7 +220,8 @@ def ghost_joint_gram(cap: Capture, mode: str = "auto", collapse: bool = False):
     """J_l for every covered layer from the captured a and e. -> J (L, U, U), info with the form per layer.
 
     collapse=True: the m target units summed into one unit, J (L, n + 1, n + 1): kbc_from_joint(J, n, m) gives the
-    same K, b, c, and the materialized form costs (n + 1)^2 p_l instead of U^2 p_l (theory/step_cost.md, eq. (5))."""
+    same K, b, c, and the materialized form costs 2 (n^2 + n + 1) p_l instead of 2 U^2 p_l (theory/step_cost.md,
+    eq. (5))."""
     blocks, modes = [], []
     for layer, a, e in zip(cap.layers, cap.a, cap.e):
         A, E = cap.per_unit(a), cap.per_unit(e)  # (U, T_u, d_in), (U, T_u, d_out)

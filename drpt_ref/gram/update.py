@@ -45,7 +45,11 @@ def _per_layer_coefficients(alpha, weights, L: int, n: int, like: torch.Tensor):
 
 
 def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
-    """d_l = alpha_l g_T + G_l w_l for every covered layer from the captured a and e, eq. (10)."""
+    """d_l = alpha_l g_T + G_l w_l for every covered layer from the captured a and e, eq. (10): name -> tensor.
+
+    From the per-unit gradients F the ghost Gram kept in cap.flat where it kept them (coef^T F), else from a and e.
+    Each tensor has its parameter's shape and is contiguous (the parameter's own layout: the fused AdamW kernel
+    needs it, training/optimizer.py). alpha () or (L,), weights (n,) or (L, n); ValueError for other shapes."""
     L, n, m = len(cap.layers), cap.n, cap.m
     acc = accumulation_dtype(*cap.a, *cap.e)  # float32 for half-precision captures, eq. (1) in theory/precision.md
     alpha, weights = _per_layer_coefficients(alpha, weights, L, n, cap.a[0].new_empty((), dtype=acc))
@@ -78,9 +82,9 @@ def assemble_update(cap: Capture, alpha, weights) -> dict[str, torch.Tensor]:
         a2, e2 = a.reshape(-1, layer.d_in), e_weighted.reshape(-1, layer.d_out)  # (R T, d_in), (R T, d_out)
         with no_autocast(a):  # sum_u coef_u sum_t a_t e_t^T as one matrix product, in the parameter's layout
             W = a2.T @ e2 if layer.conv1d else e2.T @ a2  # (d_in, d_out) Conv1D, (d_out, d_in) nn.Linear
+            if layer.has_bias:
+                update[f"{layer.name}.bias"] = coef[unit] @ e.sum(1)  # (d_out,): sum over rows of coef_u(r) sum_t e_t
         update[f"{layer.name}.weight"] = W
-        if layer.has_bias:
-            update[f"{layer.name}.bias"] = coef[unit] @ e.sum(1)  # (d_out,): sum over rows r of coef_u(r) sum_t e_t
     return update
 
 

@@ -58,6 +58,7 @@ from drpt_ref.gram.precision import AUTOCAST, DTYPES, accumulation_dtype, autoca
 from drpt_ref.gram.update import assemble_update, weighted_backward_update
 from drpt_ref.losses.unit_batch import concat_batches
 from drpt_ref.training.model_folder import is_peft_model
+from drpt_ref.training.optimizer import as_grad
 from drpt_ref.training.rep_features import last_hidden_states
 
 SOLVERS = ("batched", "exact", "cvxpy")
@@ -309,8 +310,8 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
         update, reduced = reduce_update(ranks, update)
     named = dict(model.named_parameters())
     optimizer.zero_grad(set_to_none=True)
-    for name, d in update.items():  # step 5: d (float32 or wider) cast back to the parameter's dtype
-        named[name].grad = d.to(named[name].dtype)
+    for name, d in update.items():  # step 5: d (float32 or wider) cast back to the parameter's dtype and layout
+        named[name].grad = as_grad(named[name], d)
     optimizer.step()
     clock.append(phase_clock(device))
     record = {

@@ -1,12 +1,16 @@
-"""The optimizer every drpt run steps with: AdamW (fused where torch has the kernel) or SGD.
+"""The optimizer every drpt run steps with: AdamW (fused where torch has the kernel) or SGD; and `as_grad`.
 
 The optimizer runs after the update is written to .grad (step 5 of training/dr_step.py) and costs the same in the
 standard step and in the Dr step: about 28 bytes of memory traffic per parameter for AdamW (theory/step_cost.md,
 section 2). torch's default multi-tensor ("foreach") AdamW makes several passes over every parameter, each with its
 own temporaries; the fused kernel makes one (measured on the 2-core CPU: 46 M float32 parameters, 250 ms foreach
-against 50 ms fused; theory/step_cost.md, section 3). It is torch's own implementation of the same update, so the
-fused optimizer is used wherever torch supports it for every parameter (CPU and CUDA, every floating dtype), the
-foreach one elsewhere. tests/test_optimizer.py checks the two step the same.
+against 50 ms fused; theory/step_cost.md, section 3). It is torch's own implementation of the same update, equal to
+the foreach one up to round-off (over 50 float32 steps about 1 element-step in 700 differs by one ulp), so the fused
+optimizer is used wherever torch supports it for every parameter (CPU and CUDA, every floating dtype), the foreach
+one elsewhere; tests/test_optimizer.py checks the two agree.
+
+The fused kernel needs a gradient laid out as its parameter (the same strides): given a transposed gradient it steps
+silently wrong (foreach copes). `as_grad` makes every gradient the Dr step writes so (dr_step, step 5).
 
 Shapes: none (parameters of any shape).
 """
@@ -36,3 +40,14 @@ def make_optimizer(kind: str, params, lr: float, weight_decay: float = 0.0) -> t
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_supported(params) or None)
+
+
+def as_grad(param: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d in param's dtype with param's strides, as .grad must be for the fused AdamW kernel (see above); no copy when
+    it already is. d: a tensor of param's shape (any dtype, any layout). ValueError for another shape."""
+    if d.shape != param.shape:
+        raise ValueError(f"the update has shape {tuple(d.shape)}, its parameter {tuple(param.shape)}.")
+    g = d.to(param.dtype)
+    if g.stride() != param.stride():
+        g = torch.empty_like(param).copy_(g)  # empty_like keeps param's strides
+    return g

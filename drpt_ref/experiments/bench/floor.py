@@ -2,7 +2,8 @@
 
 The floor of a phase is the least arithmetic it needs (theory/step_cost.md, eqs. (1)-(4)) at the rate this machine
 reaches on one large matrix product (`machine_rates`, measured in the same run), plus, for the optimizer, its memory
-traffic at the measured copy bandwidth. `drpt bench step` prints measured time / floor per phase.
+traffic at the measured bandwidth; the update from kept per-unit gradients is a roofline (the larger of its FLOPs and
+its reads of F, eq. (3')). `drpt bench step` prints measured time / floor per phase.
 
 With N tokens in the step, U = n + m units of T_u tokens, p_l = d_in d_out (+ d_out) the parameters of covered layer l,
 P = sum_l d_in d_out (matrix products only), P_in = the part of P whose layer input needs a gradient (not the
@@ -34,11 +35,14 @@ F_BYTES = 4  # one element of the kept per-unit gradients F: float32 (the benchm
 
 
 def machine_rates(device, repeat: int = 5) -> dict:
-    """FLOP/s of one float32 (1024 x 1024) @ (1024 x 1024) product and bytes/s of a 64 MB copy (best of `repeat`)."""
+    """FLOP/s of one float32 (1024 x 1024) @ (1024 x 1024) product, and bytes/s of memory: the faster of a 64 MB
+    copy (2 streams counted; a CPU's write-allocate reads the destination too, so a copy understates it) and an
+    in-place 64 MB triad x += 0.5 y (3 streams: read x, y, write x, as AdamW's in-place updates move memory).
+    Best of `repeat`."""
     x = torch.randn(1024, 1024, device=device)
     y = torch.randn(1024, 1024, device=device)
-    src = torch.empty(16 * 2**20, device=device)
-    dst = torch.empty_like(src)
+    src = torch.zeros(16 * 2**20, device=device)
+    dst = torch.zeros_like(src)
 
     def best(fn):
         times = []
@@ -52,7 +56,9 @@ def machine_rates(device, repeat: int = 5) -> dict:
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
-    return {"flops": 2 * 1024**3 / best(lambda: x @ y), "bytes": 2 * src.numel() * 4 / best(lambda: dst.copy_(src))}
+    copy = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
+    triad = 3 * src.numel() * 4 / best(lambda: dst.add_(src, alpha=0.5))
+    return {"flops": 2 * 1024**3 / best(lambda: x @ y), "bytes": max(copy, triad)}
 
 
 def _input_needs_grad(model, layers) -> list[bool]:
@@ -129,7 +135,8 @@ def floor_table(rows: list[dict], rates: dict) -> list[str]:
         return f"{1e3 * r[k]:,.1f} ({r[k] / f:.2f}x)" if f > 0 else "-" if r[k] == 0 else f"{1e3 * r[k]:,.1f}"
 
     lines = [f"Floor rates measured in this run: {rates['flops'] / 1e9:.1f} GFLOP/s (one float32 1024^3 matmul), "
-             f"{rates['bytes'] / 1e9:.1f} GB/s (a 64 MB copy). Cells: ms (measured / floor).", "",
+             f"{rates['bytes'] / 1e9:.1f} GB/s (the faster of a 64 MB copy and a 64 MB in-place triad). "
+             "Cells: ms (measured / floor).", "",
              "| shape | n | T | m | method | fwd+bwd | gram | solve ms | update | total | Dr / standard |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -334,7 +334,8 @@ def run(args) -> int:
         f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load)}",
         f"- model: random GPT-2 of the shape of {args.model} (n_layer {c.n_layer}, n_embd {c.n_embd}, n_head "
         f"{c.n_head}, vocab {c.vocab_size}, n_positions {c.n_positions}); synthetic SFT rows of T tokens, loss on "
-        f"the second half; m = {args.m_target} target units; AdamW; batched solver; default knobs",
+        f"the second half; m = {args.m_target} target units; AdamW (fused, training/optimizer.py); batched solver; "
+        "default knobs",
         f"- median of {args.repeat} runs after a warm-up, freed host memory kept mapped as in drpt train "
         "(training/host_memory.py); peak MB in one more untimed run = "
         + ("torch.cuda.max_memory_allocated over the step" if device.type == "cuda" else
