@@ -134,7 +134,8 @@ def floor_table(rows: list[dict], rates: dict) -> list[str]:
         f = r["floor"][k]
         return f"{1e3 * r[k]:,.1f} ({r[k] / f:.2f}x)" if f > 0 else "-" if r[k] == 0 else f"{1e3 * r[k]:,.1f}"
 
-    lines = [f"Floor rates measured in this run: {rates['flops'] / 1e9:.1f} GFLOP/s (one float32 1024^3 matmul), "
+    lines = [f"Floor rates measured in this run (the better of its start and its end): {rates['flops'] / 1e9:.1f} "
+             "GFLOP/s (one float32 1024^3 matmul), "
              f"{rates['bytes'] / 1e9:.1f} GB/s (the faster of a 64 MB copy and a 64 MB in-place triad). "
              "Cells: ms (measured / floor).", "",
              "| shape | n | T | m | method | fwd+bwd | gram | solve ms | update | total | Dr / standard |",
