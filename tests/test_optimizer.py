@@ -37,6 +37,9 @@ def test_fused_needs_floating_cpu_or_cuda_parameters():
     assert fused_supported(_params(torch.float32)) and not fused_supported([])
     assert not fused_supported([torch.zeros(3, dtype=torch.long)])
     assert not fused_supported([torch.zeros(3, device="meta")])
+    strided = torch.nn.Parameter(torch.zeros(4, 8)[:, ::2])  # a slice: the fused step is wrong on it, foreach is not
+    assert not strided.is_contiguous() and not fused_supported([strided])
+    assert not make_optimizer("adamw", [strided], lr=0.1).param_groups[0]["fused"]
 
 
 def test_sgd_and_errors():

@@ -198,7 +198,7 @@ def collapsed_gram(F: torch.Tensor, n: int) -> torch.Tensor:
     """J = F F^T of a collapsed F (n + 1, p_l) (eq. (5) in theory/step_cost.md) as its three blocks: K = F_n F_n^T,
     the column F_n f_T and f_T . f_T. The numbers of one (n+1) x (n+1) product up to round-off (float32: ~1e-5
     relative at p_l = 2.5 M, the summation order differs), faster: with n + 1 = 17 rows the
-    BLAS kernel runs at about half the rate of 16 rows (theory/step_cost.md, section 3). -> J (n + 1, n + 1)"""
+    BLAS kernel ran at 0.65-0.8x its 16-row rate per FLOP (theory/step_cost.md, section 2). -> J (n + 1, n + 1)"""
     Fn, fT = F[:n], F[n:]  # (n, p_l), (1, p_l)
     J = F.new_empty(n + 1, n + 1)
     with no_autocast(F):

@@ -15,7 +15,8 @@
 Both return name -> tensor of the parameter's shape (nn.Linear weight (d_out, d_in), Conv1D
 weight (d_in, d_out), bias (d_out,)); neither touches .grad. To descend, subtract lr * d.
 `assemble_update` computes in the accumulation dtype of the capture (float32 for half-precision a, e: eq. (1) in
-theory/precision.md) and returns that dtype; the caller casts d to each parameter's dtype when it applies it.
+theory/precision.md) and returns that dtype; the caller casts d to each parameter's dtype (and layout:
+training/optimizer.as_grad) when it applies it.
 
 Shapes:
     alpha () or (L,), weights (n,) or (L, n);  a (R, T, d_in), e (R, T, d_out), row coefficient (R,)

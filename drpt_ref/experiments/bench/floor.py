@@ -1,7 +1,8 @@
 """The FLOP floor of each phase of the standard step and the Dr step, and this machine's rates to turn it into time.
 
 The floor of a phase is the least arithmetic it needs (theory/step_cost.md, eqs. (1)-(4)) at the rate this machine
-reaches on one large matrix product (`machine_rates`, measured in the same run), plus, for the optimizer, its memory
+reaches on one large matrix product (`machine_rates`, measured at the start and at the end of the run, the better
+kept), plus, for the optimizer, its memory
 traffic at the measured bandwidth; the update from kept per-unit gradients is a roofline (the larger of its FLOPs and
 its reads of F, eq. (3')). `drpt bench step` prints measured time / floor per phase.
 
@@ -14,7 +15,8 @@ the causal attention FLOPs per token (D = heads x head dim, L_b blocks):
     backward, standard           2 N (P_in + H) + 2 N A + 2 N P   (input and weight gradients)
     backward with capture        2 N (P_in + H) + 2 N A           (no weight gradient)      eq. (2)
     Gram                         sum_l min(2 N p_l + 2 (n^2 + n + 1) p_l,  2 U^2 T_u^2 (d_in + d_out))  eq. (5)
-    update                       max(2 (n + 1) P FLOPs, (n + 1) P float32 reads) from the kept per-unit
+    update                       max(2 (n + 1) P_F FLOPs, (n + 1) P_F float32 reads), P_F the parameters of the
+                                 layers whose F was kept (bias rows included), from the kept per-unit
                                  gradients (a vector-matrix product is memory-bound: eq. (3')) + AdamW's traffic
     solve                        O(iterations n^2): no floor worth the name; reported in ms (launch bound)
 

@@ -18,7 +18,10 @@ peak resident set, reset through /proc/self/clear_refs, with freed blocks unmapp
 resident set follows the tensors; CUDA: torch.cuda.max_memory_allocated). A second
 table times the two exact ghost forms on the same capture, the token-pair form against materialized
 per-unit layer gradients (gram_from_capture with ghost_mode "pair" / "materialize"), as T grows: where
-one overtakes the other, against the cost rule 2 T_u^2 <= d_in d_out (eq. (5) in theory/gram.md).
+one overtakes the other, against the cost rule of eq. (5) in theory/gram.md. A third table prints every phase
+over its floor (experiments/bench/floor.py, theory/step_cost.md), for the grid and the --shapes (realistic model
+shapes built from configs): the machine's matmul rate and memory bandwidth are measured at the start and at the end
+of the run and the better kept, since a shared machine's load would lower every floor.
 
 Shapes: general input_ids (n, T), target input_ids (m, T); loss mask on the second half of each row.
 """
