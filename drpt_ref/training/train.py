@@ -90,7 +90,7 @@ class TrainConfig:
     m_target: int = 4  # target units per step (their mean gradient is g_T)
     target_size: int = 32  # the scarce target training set (suite; a --target-data file is used whole)
     pool_size: int = 2000  # the general pool (suite; a --general-data file is used whole)
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw (torch's fused kernel where it has one, training/optimizer.py) | sgd
     lr: float = 1e-3  # learning rate of the covered parameters (0 < lr <= 10)
     warmup: int = 0  # steps of linear lr warmup: step s uses lr * min(1, s / warmup) (0 = constant lr throughout)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
