@@ -50,8 +50,6 @@ def as_grad(param: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     it already is. d: a tensor of param's shape (any dtype, any layout). ValueError for another shape."""
     if d.shape != param.shape:
         raise ValueError(f"the update has shape {tuple(d.shape)}, its parameter {tuple(param.shape)}.")
-    if d.dtype == param.dtype and d.stride() == param.stride():
-        return d
     if d.stride() == param.stride():
-        return d.to(param.dtype)
+        return d.to(param.dtype)  # d itself when it is already param's dtype
     return torch.empty_like(param).copy_(d)  # param's dtype; empty_like keeps a dense parameter's strides

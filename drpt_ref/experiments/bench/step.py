@@ -199,16 +199,16 @@ def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, 
         return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram)["seconds"]
 
 
-def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, rates: dict, shape: str) -> list[dict]:
-    """Every config on one (n, T, m) cell, the standard step first; each phase also as measured / floor.
+def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, shape: str) -> list[dict]:
+    """Every config on one (n, T, m) cell, the standard step first; each row keeps the model's counts, from which
+    `run` computes its floor once the run's rates are known (experiments/bench/floor.py).
 
     Runs are interleaved (repeat r runs every config once), so that load from other processes falls on all
     configs alike; each config keeps the median of its runs per phase and the largest peak memory.
     """
     vocab = model.config.vocab_size
     general, target = token_batch(n, T, vocab, gen, device), token_batch(m, T, vocab, gen, device)
-    counts = model_counts(model)
-    floors = phase_floors(counts, n, m, T, rates)  # seconds at the floor, theory/step_cost.md
+    counts = model_counts(model)  # the FLOP and byte counts of its floor, theory/step_cost.md
     loss, knobs, fns = SFTLoss(), Knobs(), []
     for method, engine in [("standard", "-")] + configs:
         copied = copy.deepcopy(model)  # every config starts from the same weights and a fresh optimizer
@@ -228,7 +228,7 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, rates:
         rows.append(dict(n=n, T=T, m=m, shape=shape, method=method, engine=engine,
                          **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
                          peak_mb=peaks[i],
-                         counts=counts, floor=floors["standard" if method == "standard" else "dr"]))
+                         counts=counts))
     base = rows[0]["total"]
     for r in rows:
         r["ratio"] = r["total"] / base
@@ -313,25 +313,24 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"--methods/--gram-methods/--shape-methods: unknown {unknown}; choose from {sorted(METHODS)}")
     configs = [(m, "ghost") for m in methods] + [(m, g) for g in ENGINES[1:] for m in gram_methods]
-    rates = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
+    first = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
     model = make_model(args.model, max(c[1] for c in grid + cross_cells), device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for n, T, m in tqdm(grid, desc="bench step"):
-        rows += bench_cell(model, n, T, args, device, configs, gen, m, rates, os.path.basename(args.model.rstrip("/")))
+        rows += bench_cell(model, n, T, args, device, configs, gen, m, os.path.basename(args.model.rstrip("/")))
     shape_rows = []
     for shape in shapes:  # realistic shapes, cut to --layers blocks
         big = build_shape(shape, args.layers, max(T for _, T, _ in shape_grid), device, args.seed)
         for n, T, m in tqdm(shape_grid, desc=shape):
-            shape_rows += bench_cell(big, n, T, args, device, [(x, "ghost") for x in shape_methods], gen, m, rates,
-                                     shape)
+            shape_rows += bench_cell(big, n, T, args, device, [(x, "ghost") for x in shape_methods], gen, m, shape)
         del big
     cross = [bench_crossover(model, n, T, args, device, gen) for n, T in tqdm(cross_cells, desc="pair vs materialize")]
     # the machine is shared: a rate measured while another job ran would lower every floor, so the floors use the
     # better of the rates measured at the start and now, at the end
     later = machine_rates(device)
-    rates = {k: max(v, later[k]) for k, v in rates.items()}
-    for r in rows + shape_rows:
+    rates = {k: max(v, later[k]) for k, v in first.items()}
+    for r in rows + shape_rows:  # seconds at the floor of each row's step
         r["floor"] = phase_floors(r["counts"], r["n"], r["m"], r["T"], rates)["standard" if r["method"] == "standard"
                                                                                 else "dr"]
     c = model.config
