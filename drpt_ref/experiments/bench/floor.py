@@ -2,9 +2,9 @@
 
 The floor of a phase is the least arithmetic it needs (theory/step_cost.md, eqs. (1)-(4)) at the rate this machine
 reaches on one large matrix product (`machine_rates`, measured at the start and at the end of the run, the better
-kept), plus, for the optimizer, its memory
-traffic at the measured bandwidth; the update from kept per-unit gradients is a roofline (the larger of its FLOPs and
-its reads of F, eq. (3')). `drpt bench step` prints measured time / floor per phase.
+kept), plus, for the optimizer, its memory traffic at the measured bandwidth; the update from kept per-unit gradients
+is a roofline (the larger of its FLOPs and its reads of F, eq. (3')). `drpt bench step` prints measured time / floor
+per phase.
 
 With N tokens in the step, U = n + m units of T_u tokens, p_l = d_in d_out (+ d_out) the parameters of covered layer l,
 P = sum_l d_in d_out (matrix products only), P_in = the part of P whose layer input needs a gradient (not the

@@ -183,8 +183,8 @@ def bench_cell(rng, method, B, n, args, device, have_qpth):
     gap_c = None if res_c is None else max((gap_over_tol(res_c.info["program_value"].cpu().numpy()[i], refs[i])
                                             for i in ok), default=float("nan"))
     row = dict(method=method, B=B, n=n, batched=t_batched, compiled=t_comp, compile_failed=failed, compile_s=warm,
-               exact=t_exact,
-               exact_runs=n_exact, cvxpy=t_cvxpy, cvxpy_runs=samples, gap=gap, gap_c=gap_c, qpth=None, qpth_gap=None)
+               exact=t_exact, exact_runs=n_exact, cvxpy=t_cvxpy, cvxpy_runs=samples, gap=gap, gap_c=gap_c, qpth=None,
+               qpth_gap=None)
     if have_qpth and method in QP_METHODS:
         t_q, w_q = run_qpth(problems, params, method, device)
         row["qpth"] = t_q
