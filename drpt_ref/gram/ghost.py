@@ -156,17 +156,18 @@ def pair_gram(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
 
 
 def materialized_flat(A: torch.Tensor, E: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Per-unit layer gradients g_u = sum_t a_t e_t^T (d_in x d_out, + bias), eq. (3). -> F (U, p_l)
+    """Per-unit layer gradients g_u = sum_t a_t e_t^T (d_in x d_out, + bias sum_t e_t), eq. (3). -> F (U, p_l)
 
     In the accumulation dtype of A and E (float32 for half-precision captures, eq. (1) in theory/precision.md).
     """
     A, E = widen(A, E)
-    U = A.shape[0]
-    if bias:  # a column of ones: the last row of A^T E is then sum_t e_t, the bias gradient (no copy of F)
-        A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)  # (U, T_u, d_in + 1)
+    U, d_in, d_out = A.shape[0], A.shape[-1], E.shape[-1]
+    F = A.new_empty(U, d_in + int(bias), d_out)  # the weight gradient's d_in rows, then the bias gradient's one
     with no_autocast(A):
-        W = torch.bmm(A.transpose(1, 2), E)  # (U, d_in (+ 1), d_out)
-    return W.reshape(U, -1)  # (U, p_l): the weight gradient, then the bias gradient
+        torch.bmm(A.transpose(1, 2), E, out=F[:, :d_in])  # (U, d_in, d_out)
+        if bias:
+            torch.sum(E, 1, out=F[:, d_in])  # (U, d_out)
+    return F.reshape(U, -1)  # (U, p_l): the weight gradient, then the bias gradient
 
 
 def layer_joint_gram(A: torch.Tensor, E: torch.Tensor, bias: bool, mode: str):
@@ -184,13 +185,15 @@ def collapsed_flat(A: torch.Tensor, E: torch.Tensor, bias: bool, n: int) -> torc
     """F of the n general units and one row for the m target units summed (eq. (5) in theory/step_cost.md), written
     into one buffer. A (U, T_u, d_in), E (U, T_u, d_out) -> F (n + 1, p_l) in the accumulation dtype."""
     A, E = widen(A, E)
-    if bias:  # the column of ones of materialized_flat
-        A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)  # (U, T_u, d_in + 1)
     d_in, d_out = A.shape[-1], E.shape[-1]
-    F = A.new_empty(n + 1, d_in, d_out)
+    F = A.new_empty(n + 1, d_in + int(bias), d_out)  # rows of materialized_flat: weight, then bias
+    At, Et = A[n:].reshape(-1, d_in), E[n:].reshape(-1, d_out)  # (m T_u, d_in), (m T_u, d_out) all target tokens
     with no_autocast(A):
-        torch.bmm(A[:n].transpose(1, 2), E[:n], out=F[:n])  # (n, d_in, d_out) per general unit
-        torch.mm(A[n:].reshape(-1, d_in).T, E[n:].reshape(-1, d_out), out=F[n])  # (d_in, d_out) all target tokens
+        torch.bmm(A[:n].transpose(1, 2), E[:n], out=F[:n, :d_in])  # (n, d_in, d_out) per general unit
+        torch.mm(At.T, Et, out=F[n, :d_in])  # (d_in, d_out) the target units summed
+        if bias:
+            torch.sum(E[:n], 1, out=F[:n, d_in])  # (n, d_out)
+            torch.sum(Et, 0, out=F[n, d_in])  # (d_out,)
     return F.reshape(n + 1, -1)  # (n + 1, p_l)
 
 
