@@ -47,6 +47,10 @@ POLISH_ROUNDS = 1  # polishes per check, each certified (converged problems leav
 FIRST_CHECK = 20  # FISTA iterations before the first polish and check (enough to find most faces)
 CHECK_EVERY = 10  # FISTA iterations between later checks
 L_FLOOR = 1e-6  # eq. (9'): f flat on the tangent space (n = 1, identical columns): any step is safe, keep it finite
+# the power iteration's start 1 + 0.1 frac(j phi), j = 1..n: distinct entries (the all-ones vector has no component
+# in the simplex's tangent space when K's diagonal is constant), the same on every device, and drawn without a
+# random generator, so that torch.compile traces the whole solve (batched/compiled.py)
+GOLDEN = (5**0.5 - 1) / 2
 STEP_SAFETY = 1.25  # L = 1.25 * Rayleigh quotient after POWER_ITERATIONS, capped by the trace
 # eq. (10'): in float64 the power iteration and the first FISTA iterations (which only look for the
 # face; the polish and the certificate then work in float64) run on a float32 copy of K
@@ -72,8 +76,9 @@ def lambda_max_upper(K_hat: torch.Tensor, normal: torch.Tensor | None = None) ->
     K^ (B, n, n) is the unit-diagonal Jacobi-scaled Gram (any dtype, e.g. the float32 scout copy).
     With a unit `normal` (B, n) the iteration runs on the tangent space normal^perp (eq. (9')).
     The vector is normalized every 4 products (its norm grows at most n^4 in between). (B,)"""
-    gen = torch.Generator(device=K_hat.device).manual_seed(0)
-    x = 1.0 + 0.1 * torch.rand(K_hat.shape[:-1], generator=gen, device=K_hat.device, dtype=K_hat.dtype)  # (B, n)
+    n = K_hat.shape[-1]
+    j = torch.arange(1, n + 1, device=K_hat.device, dtype=K_hat.dtype)  # (n,)
+    x = (1.0 + 0.1 * torch.frac(j * GOLDEN)).expand(K_hat.shape[:-1])  # (B, n) the start: distinct entries
     nrm = None if normal is None else normal.to(K_hat.dtype)  # (B, n)
     for step in range(POWER_ITERATIONS + 1):
         if nrm is not None:  # stay in the tangent space of a^T z = 1
