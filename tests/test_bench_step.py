@@ -76,3 +76,10 @@ def test_counts_below_one_are_refused(tmp_path, capsys, what, flag):
     with pytest.raises(SystemExit) as exit_info:  # refused before any model is built or process started
         main(["bench", what, flag, "0", "--model", write_tiny_model(tmp_path / "m")])
     assert exit_info.value.code == 2 and f"{flag} 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_compiled_method(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything is compiled
+        main(["bench", "step", "--compiled-methods", "simplx", "--model", write_tiny_model(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--compiled-methods" in err and "simplx" in err

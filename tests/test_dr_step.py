@@ -99,3 +99,31 @@ def test_first_step_objectives_follow_the_nesting(tiny, paradigm):
     chain = [f[m] for m in ("subspace", "cone", "simplex", "capped_simplex", "mean")]
     assert all(x <= y * (1 + 1e-9) + 1e-12 for x, y in zip(chain, chain[1:])), chain
     assert chain[0] < chain[-1]  # the general batch does not already contain g_T
+
+
+def test_compiled_solver_is_the_batched_solver_compiled(tiny, monkeypatch):
+    """solver="compiled" calls project_batched(compiled=True) in the sync-free schedule (what batched/compiled.py
+    compiles is tested against eager in tests/test_batched_compiled.py); with the compiled kernels swapped for the eager
+    ones here (no compile in this test) the step is bitwise solver="batched"'s."""
+    import drpt_ref.training.dr_step as dr_module
+
+    real, calls = dr_module.project_batched, []
+
+    def eager_instead(*args, compiled=False, **kwargs):
+        calls.append((compiled, kwargs.get("sync_free")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dr_module, "project_batched", eager_instead)
+    _, tok, model = tiny
+    loss_fn, general, target = _batches("sft", tok, model)
+    out = {}
+    for solver in ("batched", "compiled"):
+        calls.clear()
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(freeze_uncovered(m), lr=1.0)
+        rec = dr_step(m, opt, loss_fn, general, target, "capped_simplex", Knobs(), solver=solver)
+        out[solver] = (rec, dict(m.named_parameters()))
+        assert calls[0] == (solver == "compiled", True)  # the first solve is the sync-free one
+    (rec_b, p_b), (rec_c, p_c) = out["batched"], out["compiled"]
+    assert rec_b["converged"] and rec_c["converged"] and rec_b["weights"] == rec_c["weights"]
+    assert all(torch.equal(p_b[k], p_c[k]) for k in p_b)

@@ -1,6 +1,6 @@
 """The compiled path of `project_batched(..., compiled=True)`: torch.compile where it pays, the eager code as reference.
 
-Three kernels of the batched solver are compiled (theory/batched_solvers.md, section 6); each is the eager
+Four kernels of the batched solver are compiled (theory/batched_solvers.md, section 6); each is the eager
 function itself, handed to torch.compile, so the eager code stays the one definition:
 
     residual     core/certificate.accurate_residual: the Dot2 residual r = K w - b of the certificate, eq. (13)
@@ -16,6 +16,15 @@ function itself, handed to torch.compile, so the eager code stays the one defini
                  path differs from eager by
                  round-off (the scout only looks for the face: the polish and the certificate decide)
 
+    sync_free_qp batched/qp.solve_qp(sync_free=True): the whole fixed schedule of a training step's QP (power
+                 iteration, the FISTA iterations, the padded polish, the certificate of eq. (13)), one graph with no
+                 host read: the eager schedule is some 8,000 operations of a few microseconds each (tiny GPT-2,
+                 one 16 x 16 problem: 15 ms eager, 2.4 ms compiled on one CPU core, theory/step_cost.md section 3),
+                 every one a kernel launch on a GPU. Its path differs from eager by round-off, like the scout's; the
+                 caller certifies the answer on (K, b, c) as given (batched/solve.py), as for the eager one. The
+                 graph is large: compiling it took 2 minutes on a 2-core CPU (10 s in a later process, from
+                 Inductor's on-disk cache), so it pays only on long runs there, and is meant for a GPU.
+
 On CUDA the kernels use CUDA graphs (the option mode="reduce-overhead" sets; their outputs are cloned, as a replay
 overwrites them) and emulate_precision_casts: Inductor builds its Triton kernels with floating-point fusion on unless
 that option is set (enable_fp_fusion = not emulate_precision_casts, torch 2.13), and a multiply and an add fused into
@@ -29,6 +38,7 @@ Shapes:
     residual: K (B, n, n), b (B, n), w (B, n) -> (B, n)
     flags: K (B, n, n), b (B, n), c (B,) -> flags (7,) bool, asym (B,)
     scout_step: Kx (a ScaledGram of K^ (B, n, n)), bx (B, n), fs (a JacobiSet), z, y (B, n), t (B,), exact -> z, y, t
+    sync_free_qp: K (B, n, n), b (B, n), c (B,), cap (B,) or None (cone), uncapped, max_iter, tol -> QPResult
     sort_last: x (..., m) -> values (..., m), indices (..., m) int64
 """
 
@@ -42,7 +52,7 @@ import numpy as np
 import torch
 
 from drpt_ref.batched.checks import cheap_flags
-from drpt_ref.batched.qp import fista_step
+from drpt_ref.batched.qp import QPResult, fista_step, solve_qp
 from drpt_ref.core.certificate import accurate_residual
 
 
@@ -93,6 +103,36 @@ def _scout_cone(Kx, bx, fs, z, y, t, exact):
     return fista_step(Kx, bx, fs, z, y, t, exact, sort=sort_last)
 
 
+def _qp_simplex(K, b, c, cap, max_iter, tol):
+    r = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, uncapped=True, sync_free=True)
+    return r.w, r.certificate, r.converged, r.iterations
+
+
+def _qp_capped(K, b, c, cap, max_iter, tol):
+    r = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, uncapped=False, sync_free=True)
+    return r.w, r.certificate, r.converged, r.iterations
+
+
+def _qp_cone(K, b, c, max_iter, tol):
+    r = solve_qp(K, b, None, c=c, max_iter=max_iter, tol=tol, sync_free=True)
+    return r.w, r.certificate, r.converged, r.iterations
+
+
+class _SyncFreeQP:
+    """solve_qp(..., sync_free=True) compiled whole, per set: cone (no cap), simplex (uncapped), capped simplex."""
+
+    def __init__(self, simplex, capped, cone):
+        self.simplex, self.capped, self.cone = simplex, capped, cone
+
+    def __call__(self, K, b, c, cap, uncapped: bool, max_iter: int, tol: float) -> QPResult:
+        if cap is None:
+            out, kind = self.cone(K, b, c, max_iter, tol), "kkt_residual_jacobi_scaled"
+        else:
+            out = (self.simplex if uncapped else self.capped)(K, b, c, cap, max_iter, tol)
+            kind = "frank_wolfe_gap_scaled"
+        return QPResult(*out, kind)
+
+
 class _ScoutStep:
     """The scout iteration of solve_qp, compiled per set: cone (no cap), simplex (uncapped), capped simplex."""
 
@@ -136,12 +176,13 @@ class _Guarded:
 @dataclass(frozen=True)
 class Kernels:
     """The functions project_batched hands to certify (residual), accurate_objective (objective_residual),
-    check_batch (flags) and solve_qp (scout_step)."""
+    check_batch (flags) and solve_qp (scout_step), and the whole sync-free QP it calls instead of solve_qp."""
 
     residual: Callable
     objective_residual: Callable
     flags: Callable
     scout_step: Callable
+    sync_free_qp: Callable  # a _SyncFreeQP
 
 
 def _build(device_type: str, backend="inductor") -> Kernels:
@@ -153,10 +194,13 @@ def _build(device_type: str, backend="inductor") -> Kernels:
         opts["options"] = {"triton.cudagraphs": True, "emulate_precision_casts": True}
     named = (("accurate_residual", _residual_certificate), ("accurate_residual (objective)", _residual_objective),
              ("cheap_flags", cheap_flags), ("fista_step (simplex)", _scout_simplex),
-             ("fista_step (capped simplex)", _scout_capped), ("fista_step (cone)", _scout_cone))
-    residual, objective, flags, simplex, capped, cone = (_Guarded(name, fn, torch.compile(fn, **opts), clone=cuda)
-                                                         for name, fn in named)
-    return Kernels(residual, objective, flags, _ScoutStep(simplex, capped, cone))
+             ("fista_step (capped simplex)", _scout_capped), ("fista_step (cone)", _scout_cone),
+             ("solve_qp sync-free (simplex)", _qp_simplex), ("solve_qp sync-free (capped simplex)", _qp_capped),
+             ("solve_qp sync-free (cone)", _qp_cone))
+    residual, objective, flags, simplex, capped, cone, qp_simplex, qp_capped, qp_cone = (
+        _Guarded(name, fn, torch.compile(fn, **opts), clone=cuda) for name, fn in named)
+    return Kernels(residual, objective, flags, _ScoutStep(simplex, capped, cone),
+                   _SyncFreeQP(qp_simplex, qp_capped, qp_cone))
 
 
 # torch.compile is lazy: these wrappers compile on their first call (per shape and dtype), and keep the result in
@@ -168,7 +212,8 @@ _CUDA = _build("cuda")
 def failed_kernels(kernels: Kernels) -> list[str]:
     """The names of the kernels whose compilation failed (they run eager from then on, in this process)."""
     guarded = (kernels.residual, kernels.objective_residual, kernels.flags, kernels.scout_step.simplex,
-               kernels.scout_step.capped, kernels.scout_step.cone)
+               kernels.scout_step.capped, kernels.scout_step.cone, kernels.sync_free_qp.simplex,
+               kernels.sync_free_qp.capped, kernels.sync_free_qp.cone)
     return [g.name for g in guarded if g.failed]
 
 

@@ -139,10 +139,12 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     the certificate is still computed on (K, b, c) as given, and the caller reads info["converged"] once and
     re-solves what failed (with sync_free=False).
     compiled=True: the input checks, the float32 scout iterations and the certificate's Dot2 residual run
-    torch.compile'd (batched/compiled.py; CUDA graphs on CUDA, untested). On a CPU the checks and the certificate
-    are bitwise the eager ones (tested; on CUDA, Triton may fuse multiply-adds: not shown); the scout's path differs
-    by round-off. The first call per (B, n) compiles (seconds);
-    if compiling fails the eager functions run, with a RuntimeWarning. Default False: the eager reference.
+    torch.compile'd (batched/compiled.py; CUDA graphs on CUDA, untested); with sync_free=True the QP's whole schedule
+    runs as one compiled graph (simplex, capped_simplex, cone; not with trace=True or polish=False). On a CPU the
+    checks and the certificate are bitwise the eager ones (tested; on CUDA, Triton may fuse multiply-adds: not
+    shown); the scout's and the whole QP's paths differ by round-off. The first call per (B, n) compiles (seconds;
+    the whole QP minutes); if compiling fails the eager functions run, with a RuntimeWarning. Default False: the
+    eager reference.
     Raises ValueError naming the argument for bad input (shapes, dtype, NaN/inf, meta tensors, a K or b, c
     that cannot come from one G and g_T, parameters outside their range or the dtype's).
     """
@@ -152,11 +154,13 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
                          "reference).")
     # the four functions compiled.py compiles: the eager ones (the reference), or their compiled copies
     flags_fn, scout_step, residual, objective_residual = cheap_flags, fista_step, accurate_residual, accurate_residual
+    whole_qp = None  # sync-free and compiled: the QP's whole schedule as one compiled graph (compiled.py)
     if compiled:  # imported here: torch.compile's machinery loads only when asked for
         from drpt_ref.batched.compiled import compiled_kernels
 
         k = compiled_kernels(K.device if isinstance(K, torch.Tensor) else "cpu")
         flags_fn, scout_step, residual, objective_residual = k.flags, k.scout_step, k.residual, k.objective_residual
+        whole_qp = k.sync_free_qp if sync_free and polish and not trace else None
     K, b, c = check_batch(K, b, c, validate, flags_fn=flags_fn)
     B, n = b.shape
     p = check_batch_params(method, params, B, n, b)
@@ -212,9 +216,12 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
                 cap = 1.0 / p["k"]
             max_iter = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
             tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
-            res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace,
-                           uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free,
-                           scout_step=scout_step)
+            if whole_qp is not None:  # the same schedule, compiled whole (compiled.py)
+                res = whole_qp(K, b, c, cap, method == "simplex", max_iter, tol)
+            else:
+                res = solve_qp(K, b, cap, c=c, max_iter=max_iter, tol=tol, use_polish=polish, trace=trace,
+                               uncapped=(method == "simplex") if sync_free else None, sync_free=sync_free,
+                               scout_step=scout_step)
             w = res.w
             info.update(iterations=res.iterations)
             if trace:

@@ -35,7 +35,7 @@ class DrArguments:
 
     dr_method: str = "mean"  # a projection of drpt_ref.METHODS; mean is TRL's own update (eq. (2), theory/trl.md)
     dr_per_layer: bool = False  # True: one feasible set per covered linear layer, solved as one batch
-    dr_solver: str = "batched"  # batched (torch, any device) | exact (numpy) | cvxpy (the reference programs)
+    dr_solver: str = "batched"  # batched (torch) | compiled (its QP one torch.compile graph) | exact (numpy) | cvxpy
     dr_gram: str = "ghost"  # ghost (exact K, b, c from hooks, one backward) | exact (per-unit autograd) | sketch
     dr_sketch_dim: int = 64  # dr_gram = sketch only: the dimension of the random projections
     dr_target_batch_size: int = 4  # m: target units per step, drawn without replacement, reshuffled every pass

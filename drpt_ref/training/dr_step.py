@@ -61,7 +61,9 @@ from drpt_ref.training.model_folder import is_peft_model
 from drpt_ref.training.optimizer import as_grad
 from drpt_ref.training.rep_features import last_hidden_states
 
-SOLVERS = ("batched", "exact", "cvxpy")
+# batched: project_batched, eager; compiled: the same with its sync-free QP compiled whole (batched/compiled.py: minutes
+# of compilation on a CPU, once per process and shape, for a solve launched as one graph); exact, cvxpy: per problem
+SOLVERS = ("batched", "compiled", "exact", "cvxpy")
 GRAMS = ("ghost", "exact", "sketch")
 PHASES = ("forward_backward", "gram", "solve", "update")  # the timed parts of a step
 
@@ -102,10 +104,11 @@ def solve(K, b, c, method: str, params: dict, solver: str, sync_free: bool = Fal
     """alpha (B,), w (B, n), objective (B,), converged (B,) for B problems, by the chosen solver.
 
     Solved in K's dtype (float32 or float64), autocast off even inside a caller's autocast (theory/precision.md).
-    sync_free (batched): no host read inside, no repair; the caller reads `converged` (theory/step_cost.md, sec. 4)."""
-    if solver == "batched":
+    sync_free (batched, compiled): no host read inside, no repair; the caller reads `converged` (theory/step_cost.md,
+    sec. 4). compiled: project_batched(compiled=True), the sync-free QP as one compiled graph (batched/compiled.py)."""
+    if solver in ("batched", "compiled"):
         with no_autocast(K):
-            d = project_batched(K, b, c, method, sync_free=sync_free, **params)
+            d = project_batched(K, b, c, method, sync_free=sync_free, compiled=solver == "compiled", **params)
         return d.alpha, d.weights, d.objective, d.info["converged"]
     out = []
     for i in range(K.shape[0]):  # the exact and cvxpy solvers take one problem at a time
@@ -293,7 +296,7 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
     # the step's one host read, before anything is written: the deferred checks, the losses and the solution
     losses, n = (G.info["losses"], G.info["n"]) if ranks is not None else (cap.losses, general.num_units)
     got = read(losses[:n].mean(), losses[n:].mean(), objective, alpha, w, converged, c)
-    if rule is None and solver == "batched" and not all(got[5]):  # the sync-free schedule missed: the full solve
+    if rule is None and solver in ("batched", "compiled") and not all(got[5]):  # the sync-free schedule missed
         alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
         if ranks is not None:
             alpha, w, objective, converged = broadcast_solution(ranks, alpha, w, objective, converged)

@@ -81,7 +81,7 @@ class TrainConfig:
     paradigm: str = "sft"  # sft | dpo | grpo | hpt (HPT units: SFT or RL per prompt, training/hpt.py)
     method: str = "simplex"  # a feasible set of drpt_ref.METHODS, or a weight rule of rules.RULES
     per_layer: bool = False  # one feasible set per covered linear layer, solved as one batch
-    solver: str = "batched"  # batched (torch) | exact (numpy, one problem at a time) | cvxpy (the reference)
+    solver: str = "batched"  # batched (torch) | compiled (QP as one torch.compile graph, slow to build) | exact | cvxpy
     gram: str = "ghost"  # ghost (exact, from hooks) | exact (per-unit autograd) | sketch (random projections)
     sketch_dim: int = 64  # sketch only: the dimension a and e are projected to
     steps: int = 50  # optimizer steps

@@ -7,7 +7,8 @@ randomly initialised GPT-2 of the shape of --model (n_positions raised to the lo
                (the covered parameters only, as in every Dr method; written here, not in dr_step)
     Dr         dr_step for each method with the ghost Gram (its per-layer form by the cost rule, "auto"), and
                for --gram-methods also with: ghost-mat (the same step, every layer's ghost Gram forced to
-               materialized per-unit gradients), the exact Gram (per-unit autograd) and the sketch Gram;
+               materialized per-unit gradients), the exact Gram (per-unit autograd) and the sketch Gram; for
+               --compiled-methods also with solver="compiled" (the QP one torch.compile graph, batched/compiled.py)
                phases: capture (forward+backward over n + m units), Gram, solve, update (assembly + optimizer)
 
 Runs are interleaved (each repeat runs every config once; the median per phase is kept), so that load
@@ -70,6 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated Dr methods (ghost Gram)")
     parser.add_argument("--gram-methods", default="simplex",
                         help="methods also run with the ghost-mat (materialize forced), exact and sketch Gram")
+    parser.add_argument("--compiled-methods", default="",
+                        help="methods also run with --solver compiled, their QP one torch.compile graph (rows "
+                        "'METHOD (compiled)'; each new n compiles first, minutes on a CPU, warm-up seconds printed)")
     add_model_run_flags(parser, "runs per config")
     parser.add_argument("--shapes", default="", help="comma-separated realistic shapes built from configs, also "
                         "benchmarked: " + ", ".join(SHAPES) + " ('': none)")
@@ -188,11 +192,15 @@ def peak_run(step_fn, device) -> float:
     return mem.mb
 
 
+COMPILED = " (compiled)"  # the label of a method run with solver="compiled" (dr_step's QP compiled whole)
+
+
 def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, sketch_dim) -> dict:
     gram = "ghost" if engine == "ghost-mat" else engine
     if engine != "ghost-mat":
-        return dr_step(model, optimizer, loss, general, target, method, knobs, gram=gram,
-                       sketch_dim=sketch_dim)["seconds"]
+        solver = "compiled" if method.endswith(COMPILED) else "batched"
+        return dr_step(model, optimizer, loss, general, target, method.removesuffix(COMPILED), knobs, gram=gram,
+                       sketch_dim=sketch_dim, solver=solver)["seconds"]
     # ghost-mat: the same dr_step with the ghost Gram's per-layer form forced to materialized gradients
     forced = functools.partial(gram_from_capture, ghost_mode="materialize")
     with mock.patch.object(dr_step_module, "gram_from_capture", forced):
@@ -218,8 +226,11 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, shape:
         else:
             fns.append(functools.partial(_dr_seconds, copied, opt, loss, general, target, method, knobs, engine,
                                          args.sketch_dim))
-    for fn in fns:
-        fn()  # warm-up
+    warm = []
+    for fn in fns:  # warm-up (and the compile of a compiled solver's first call)
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
     runs = [[time_run(fn, device) for fn in fns] for _ in range(args.repeat)]  # (repeat, configs)
     peaks = [peak_run(fn, device) for fn in fns]  # after the timed runs, in a pass of its own
     rows = []
@@ -227,7 +238,7 @@ def bench_cell(model, n: int, T: int, args, device, configs, gen, m: int, shape:
         mine = [rep[i] for rep in runs]
         rows.append(dict(n=n, T=T, m=m, shape=shape, method=method, engine=engine,
                          **{k: statistics.median(r[k] for r in mine) for k in (*PHASES, "total")},
-                         peak_mb=peaks[i],
+                         peak_mb=peaks[i], warm_s=warm[i],
                          counts=counts))
     base = rows[0]["total"]
     for r in rows:
@@ -309,10 +320,13 @@ def run(args) -> int:
     cross_cells = parse_cells(",".join(f"{int(n)}x{T}" for n, T in cross_cells), "--crossover")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     gram_methods = [m.strip() for m in args.gram_methods.split(",") if m.strip()]
-    unknown = sorted(set(methods + gram_methods + shape_methods) - set(METHODS))
+    compiled_methods = [m.strip() for m in args.compiled_methods.split(",") if m.strip()]
+    unknown = sorted(set(methods + gram_methods + shape_methods + compiled_methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"--methods/--gram-methods/--shape-methods: unknown {unknown}; choose from {sorted(METHODS)}")
-    configs = [(m, "ghost") for m in methods] + [(m, g) for g in ENGINES[1:] for m in gram_methods]
+        raise ValueError(f"--methods/--gram-methods/--shape-methods/--compiled-methods: unknown {unknown}; choose "
+                         f"from {sorted(METHODS)}")
+    configs = [(m, "ghost") for m in methods] + [(m + COMPILED, "ghost") for m in compiled_methods] + [
+        (m, g) for g in ENGINES[1:] for m in gram_methods]
     first = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
     model = make_model(args.model, max(c[1] for c in grid + cross_cells), device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -359,6 +373,12 @@ def run(args) -> int:
         header.append(f"- shapes: {', '.join(shapes)}, random weights from their published configs "
                       f"(experiments/bench/shapes.py), cut to {args.layers or 'all'} decoder blocks; methods "
                       f"{', '.join(shape_methods)} (ghost Gram)")
+    compiled_rows = [r for r in rows if r["method"].endswith(COMPILED)]
+    if compiled_rows:
+        header.append("- rows 'METHOD (compiled)': dr_step with solver='compiled' (the sync-free QP one torch.compile "
+                      "graph, batched/compiled.py); their warm-up step, with the compile, took "
+                      + ", ".join(f"{r['warm_s']:.0f} s (n = {r['n']}, T = {r['T']}, m = {r['m']})"
+                                  for r in compiled_rows))
     table = render(rows, cross, header)
     table += "\n\n## Measured over the FLOP floor, per phase (theory/step_cost.md)\n\n" + "\n".join(
         floor_table([r for r in rows + shape_rows if r["engine"] in ("-", "ghost")], rates))
