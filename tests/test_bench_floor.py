@@ -106,3 +106,18 @@ def test_bench_prints_the_floor_table(tmp_path):
         assert float(r[5].split("(")[1].rstrip("x) ")) > 0 and r[10].strip().endswith("x")
     with pytest.raises(SystemExit):
         main(["bench", "step", "--shapes", "gpt-5"])
+
+
+def test_floor_table_says_when_a_phase_beat_its_floor():
+    """A phase faster than its floor means the run measured its rates low: the table says so (computed, not assumed)."""
+    from drpt_ref.experiments.bench.floor import floor_table
+
+    def row(fb, floor_fb):
+        return dict(shape="s", n=2, T=8, m=1, method="standard", forward_backward=fb, gram=0.0, solve=0.0,
+                    update=1e-3, total=fb + 1e-3, ratio=1.0,
+                    floor={"forward_backward": floor_fb, "gram": 0.0, "solve": 0.0, "update": 1e-3})
+
+    rates = {"flops": 1e11, "bytes": 1e10}
+    assert not any("below their floor" in line for line in floor_table([row(2e-3, 1e-3)], rates))
+    assert any(line.startswith("1 phase(s) above ran below their floor") for line in floor_table(
+        [row(2e-3, 1e-3), row(0.5e-3, 1e-3)], rates))
