@@ -1,9 +1,11 @@
 """project_batched(compiled=True) against the eager reference, and the compiled Dot2 against exact arithmetic.
 
 Every test uses one shape, B = 6 problems of n = 8 (the compiled kernels are static-shape: each new shape
-compiles again, seconds on a CPU core), so the whole file compiles six graphs: the Dot2 residual, the input
+compiles again, seconds on a CPU core), so the whole file compiles about ten graphs: the Dot2 residual, the input
 checks, the scout iteration of the simplex, the capped simplex and the cone, and the whole sync-free QP of the
-simplex (about 2 minutes on a 2-core CPU with an empty Inductor cache).
+simplex (float64) and of the capped simplex (float32, and the checks and residual again for float32), each whole QP
+1-2 minutes on a 2-core CPU with an empty Inductor cache. The cone's whole QP is not compiled here (a one-off check
+agreed with eager on both batches; its CI time would be another 1.5 minutes).
 
 What is compared how (drpt_ref/batched/compiled.py):
 * the Dot2 residual and the input checks are the eager functions compiled with IEEE semantics kept: bitwise;
@@ -247,6 +249,22 @@ def test_compiled_sync_free_agrees(kernels, monkeypatch):
     assert ((comp.objective - eager.objective).abs() <= AGREE * size)[ok].all()
     feasible = (comp.weights >= 0).all() and ((comp.weights.sum(-1) - 1).abs() <= 1e-12).all()
     assert feasible and (comp.info["certificate"][ok] <= 1e-9).all()
+
+
+def test_compiled_sync_free_capped_float32_agrees(kernels, monkeypatch):
+    """The Dr step's case: float32 (no scout), the capped simplex, one problem per layer or one global (here B = 6)."""
+    import drpt_ref.batched.solve as solve_module
+
+    K, b, c = (x.float() for x in random_batch(7))
+    k = torch.tensor([1.5, 2.0, 2.5, 3.0, 4.0, 6.0])
+    eager = project_batched(K, b, c, "capped_simplex", sync_free=True, k=k)
+    monkeypatch.setattr(solve_module, "solve_qp", None)  # the whole QP is the compiled graph: solve_qp must not run
+    comp = project_batched(K, b, c, "capped_simplex", sync_free=True, compiled=True, k=k)
+    size = (c + K.diagonal(dim1=-2, dim2=-1).amax(-1)).double()
+    ok = eager.info["converged"] & comp.info["converged"]
+    assert int(ok.sum()) >= B - 1
+    assert ((comp.objective.double() - eager.objective.double()).abs() <= 1e-5 * size)[ok].all()  # float32: 1e-5
+    assert (comp.weights >= 0).all() and (comp.weights <= 1 / k.unsqueeze(-1) + 1e-6).all()
 
 
 # ---- the fallback ----------------------------------------------------------------------------------------------

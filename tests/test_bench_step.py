@@ -78,8 +78,30 @@ def test_counts_below_one_are_refused(tmp_path, capsys, what, flag):
     assert exit_info.value.code == 2 and f"{flag} 0: must be >= 1" in capsys.readouterr().err
 
 
-def test_unknown_compiled_method(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:  # refused before anything is compiled
-        main(["bench", "step", "--compiled-methods", "simplx", "--model", write_tiny_model(tmp_path / "m")])
+@pytest.mark.parametrize("method", ["simplx", "mean"])
+def test_compiled_methods_must_be_qps(tmp_path, capsys, method):
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything is compiled: unknown, or no QP to compile
+        main(["bench", "step", "--compiled-methods", method, "--model", write_tiny_model(tmp_path / "m")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--compiled-methods" in err and "simplx" in err
+    assert exit_info.value.code == 2 and "--compiled-methods" in err and method in err
+
+
+def test_compiled_rows_say_when_the_compile_failed(tmp_path, monkeypatch):
+    """If torch.compile fails the kernels run eager (batched/compiled.py): the rows must not say compiled."""
+    import drpt_ref.batched.compiled as compiled
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler (test)")
+
+    kern = compiled.compiled_kernels("cpu", backend=failing_backend)
+    monkeypatch.setattr(compiled, "_CPU", kern)
+    out = tmp_path / "bench.md"
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed"):
+        assert main(["bench", "step", "--grid", "4x8", "--crossover", "4x8", "--methods", "capped_simplex",
+                     "--compiled-methods", "capped_simplex", "--gram-methods", "", "--repeat", "1", "--model",
+                     write_tiny_model(tmp_path / "m"), "--out", str(out)]) == 0
+    text = out.read_text()
+    methods = {r[3] for r in _rows(text, "n | T | m | method")}
+    assert "capped_simplex (compile failed: eager)" in methods and "capped_simplex (compiled)" not in methods
+    failed = next(line for line in text.splitlines() if line.startswith("- torch.compile failed for "))
+    assert "solve_qp sync-free (capped simplex)" in failed

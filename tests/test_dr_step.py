@@ -127,3 +127,28 @@ def test_compiled_solver_is_the_batched_solver_compiled(tiny, monkeypatch):
     (rec_b, p_b), (rec_c, p_c) = out["batched"], out["compiled"]
     assert rec_b["converged"] and rec_c["converged"] and rec_b["weights"] == rec_c["weights"]
     assert all(torch.equal(p_b[k], p_c[k]) for k in p_b)
+
+
+@pytest.mark.parametrize("solver", ["batched", "compiled"])
+def test_a_sync_free_miss_is_re_solved_by_the_same_solver(tiny, monkeypatch, solver):
+    """Where the sync-free answer does not certify, dr_step re-solves with the synchronising schedule of the same
+    solver (compiled stays compiled), and the record is that solve's (no compile here: the compiled flag is recorded,
+    the eager kernels answer)."""
+    import drpt_ref.training.dr_step as dr_module
+
+    real, calls = dr_module.project_batched, []
+
+    def missed_once(*args, compiled=False, **kwargs):
+        calls.append((compiled, kwargs.get("sync_free")))
+        d = real(*args, **kwargs)
+        if kwargs.get("sync_free"):
+            d.info["converged"] = torch.zeros_like(d.info["converged"])  # the sync-free answer "did not certify"
+        return d
+
+    monkeypatch.setattr(dr_module, "project_batched", missed_once)
+    _, tok, model = tiny
+    loss_fn, general, target = _batches("sft", tok, model)
+    m = copy.deepcopy(model)
+    rec = dr_step(m, torch.optim.SGD(freeze_uncovered(m), lr=1.0), loss_fn, general, target, "capped_simplex", Knobs(),
+                  solver=solver)
+    assert calls == [(solver == "compiled", True), (solver == "compiled", False)] and rec["converged"]

@@ -19,18 +19,21 @@ function itself, handed to torch.compile, so the eager code stays the one defini
     sync_free_qp batched/qp.solve_qp(sync_free=True): the whole fixed schedule of a training step's QP (power
                  iteration, the FISTA iterations, the padded polish, the certificate of eq. (13)), one graph with no
                  host read: the eager schedule is some 8,000 operations of a few microseconds each (tiny GPT-2,
-                 one 16 x 16 problem: 15 ms eager, 2.4 ms compiled on one CPU core, theory/step_cost.md section 3),
-                 every one a kernel launch on a GPU. Its path differs from eager by round-off, like the scout's; the
-                 caller certifies the answer on (K, b, c) as given (batched/solve.py), as for the eager one. The
-                 graph is large: compiling it took 2 minutes on a 2-core CPU (10 s in a later process, from
-                 Inductor's on-disk cache), so it pays only on long runs there, and is meant for a GPU.
+                 one 16 x 16 capped simplex problem: 15 ms eager, 2.4 ms compiled on one CPU core, a one-off
+                 measurement), every one a kernel launch on a GPU. Its path differs from eager by round-off, like
+                 the scout's; the caller certifies the answer on (K, b, c) as given (batched/solve.py), as for the
+                 eager one. The graph is large: compiling it took 101-121 s on a 2-core CPU with an empty Inductor
+                 cache (5-10 s in a later process, from its on-disk cache), so on a CPU it pays only on long runs;
+                 it is meant for a GPU (untested: no GPU was lent).
 
 On CUDA the kernels use CUDA graphs (the option mode="reduce-overhead" sets; their outputs are cloned, as a replay
 overwrites them) and emulate_precision_casts: Inductor builds its Triton kernels with floating-point fusion on unless
 that option is set (enable_fp_fusion = not emulate_precision_casts, torch 2.13), and a multiply and an add fused into
 one FMA would break the error-free TwoSum / TwoProduct above. That path is written but untested (no GPU was lent),
 and its bitwise equality with eager is not shown.
-Shapes are static (dynamic=False): a new (B, n) compiles again, once per process, and warm-up seconds are reported
+Shapes are static (dynamic=False): a new (B, n), dtype or tolerance compiles again, once per process (the whole QP
+minutes on a CPU; after 8 versions of one kernel torch.compile stops, and that kernel runs eager from then on, with the
+warning), and warm-up seconds are reported
 by `drpt bench solvers`. If compiling fails (no C++ compiler, an unsupported op) the call runs the eager function,
 with a RuntimeWarning naming the reason; the answer is then the eager one.
 
@@ -164,7 +167,9 @@ class _Guarded:
             reason = f"{type(root).__name__}: " + (str(root).strip().splitlines() or [""])[0][:300]
             warnings.warn(f"project_batched(compiled=True): torch.compile of {self.name} failed "
                           f"({reason}); running it eager (same answer, eager speed). "
-                          "Install a C++ compiler (g++) for Inductor on a CPU, or pass compiled=False.",
+                          "Install a C++ compiler (g++) for Inductor on a CPU, or pass compiled=False; after 8 "
+                          "shapes (B, n, dtype) of one kernel in a process, torch.compile's recompile limit also "
+                          "ends here.",
                           RuntimeWarning, stacklevel=2)
             return self.eager(*args)
         if self.clone:  # CUDA graphs: the next replay overwrites the outputs

@@ -148,7 +148,9 @@ def floor_table(rows: list[dict], rates: dict) -> list[str]:
                      + " | ".join(cell(r, k) for k in ("forward_backward", "gram", "solve", "update"))
                      + f" | {1e3 * r['total']:,.1f} ({r['total'] / floor_total:.2f}x) | {r['ratio']:.2f}x |")
     below = sum(r[k] < r["floor"][k] for r in rows for k in r["floor"] if r["floor"][k] > 0)
-    if below:  # a floor no run can beat was beaten: the rates were measured while the machine ran slow
-        lines += ["", f"{below} phase(s) above ran below their floor: this run measured its rates low (a shared "
-                  "machine), so every measured / floor here reads low; the Dr / standard ratios are unaffected."]
+    if below:  # a floor was beaten: the rates understate what the phases reached, or the model is no bound there
+        lines += ["", f"{below} phase(s) above ran below their floor: the rates measured in this run understate what "
+                  "those phases reached (measured while the shared machine ran slow, or the floor's model is no "
+                  "bound for that phase), so measured / floor reads low there; the Dr / standard ratios are "
+                  "unaffected."]
     return lines

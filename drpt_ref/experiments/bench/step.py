@@ -30,10 +30,8 @@ Shapes: general input_ids (n, T), target input_ids (m, T); loss mask on the seco
 from __future__ import annotations
 
 import copy
-import datetime
 import functools
 import os
-import platform
 import statistics
 import time
 from unittest import mock
@@ -46,7 +44,8 @@ from drpt_ref.core.methods import METHODS
 from drpt_ref.experiments.bench.floor import floor_table, machine_rates, model_counts, phase_floors
 from drpt_ref.experiments.bench.run_flags import add_model_run_flags, check_model_run_flags
 from drpt_ref.experiments.bench.shapes import SHAPES, build_shape
-from drpt_ref.experiments.bench.solvers import cpu_name
+from drpt_ref.experiments.bench.solvers import QP_METHODS
+from drpt_ref.experiments.bench.step_report import COMPILED, ENGINES, header_lines, render
 from drpt_ref.flags import write_output
 from drpt_ref.gram.compute import gram_from_capture
 from drpt_ref.gram.ghost import capture, use_pair_form
@@ -56,8 +55,6 @@ from drpt_ref.training import dr_step as dr_step_module
 from drpt_ref.training.dr_step import PHASES, Knobs, dr_step, freeze_uncovered
 from drpt_ref.training.host_memory import retain_freed_memory, unmap_freed_memory
 from drpt_ref.training.optimizer import make_optimizer
-
-ENGINES = ("ghost", "ghost-mat", "exact", "sketch")  # ghost-mat: ghost with every layer materialized
 
 
 def add_arguments(parser) -> None:
@@ -72,8 +69,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gram-methods", default="simplex",
                         help="methods also run with the ghost-mat (materialize forced), exact and sketch Gram")
     parser.add_argument("--compiled-methods", default="",
-                        help="methods also run with --solver compiled, their QP one torch.compile graph (rows "
-                        "'METHOD (compiled)'; each new n compiles first, minutes on a CPU, warm-up seconds printed)")
+                        help="QP methods (simplex, capped_simplex, cone) also run with --solver compiled, the QP one "
+                        "torch.compile graph (rows 'METHOD (compiled)'; each new n compiles first, minutes on a CPU, "
+                        "warm-up seconds printed)")
     add_model_run_flags(parser, "runs per config")
     parser.add_argument("--shapes", default="", help="comma-separated realistic shapes built from configs, also "
                         "benchmarked: " + ", ".join(SHAPES) + " ('': none)")
@@ -192,9 +190,6 @@ def peak_run(step_fn, device) -> float:
     return mem.mb
 
 
-COMPILED = " (compiled)"  # the label of a method run with solver="compiled" (dr_step's QP compiled whole)
-
-
 def _dr_seconds(model, optimizer, loss, general, target, method, knobs, engine, sketch_dim) -> dict:
     gram = "ghost" if engine == "ghost-mat" else engine
     if engine != "ghost-mat":
@@ -267,37 +262,6 @@ def bench_crossover(model, n: int, T: int, args, device, gen) -> dict:
     return out
 
 
-# ---- report ----------------------------------------------------------------------------------------------------
-
-def render(rows, cross, header) -> str:
-    ms = lambda t: f"{1e3 * t:,.1f}"  # noqa: E731
-    cols = ["n", "T", "m", "method", "gram", "fwd+bwd ms", "gram ms", "solve ms", "update ms", "total ms",
-            "ratio to standard", "peak MB"]
-    lines = header + ["", "## Time per step by phase", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join([str(r["n"]), str(r["T"]), str(r["m"]), r["method"], r["engine"]]
-                                       + [ms(r[k]) for k in (*PHASES, "total")]
-                                       + [f"{r['ratio']:.2f}x", f"{r['peak_mb']:.1f}"]) + " |")
-    lines += ["", "## Dr step / standard step, per cell (range over methods)", "",
-              "| n | T | m | " + " | ".join(ENGINES) + " |", "|---|---|---|" + "---|" * len(ENGINES)]
-    for n, T, m in dict.fromkeys((r["n"], r["T"], r["m"]) for r in rows):
-        cell = [r for r in rows if (r["n"], r["T"], r["m"]) == (n, T, m)]
-        span = []
-        for g in ENGINES:
-            ratios = [r["ratio"] for r in cell if r["engine"] == g]
-            span.append("-" if not ratios else f"{min(ratios):.2f}x" if len(ratios) == 1
-                        else f"{min(ratios):.2f}x - {max(ratios):.2f}x")
-        lines.append(f"| {n} | {T} | {m} | " + " | ".join(span) + " |")
-    lines += ["", "## Ghost Gram: token pairs vs materialized per-unit gradients (same capture)", "",
-              "| n | T | pair ms | materialize ms | pair / materialize | faster | cost rule picks pair in |",
-              "|---|---|---|---|---|---|---|"]
-    for c in cross:
-        faster = "pair" if c["pair"] < c["materialize"] else "materialize"
-        lines.append(f"| {c['n']} | {c['T']} | {ms(c['pair'])} | {ms(c['materialize'])} | "
-                     f"{c['pair'] / c['materialize']:.2f} | {faster} | {c['rule_pair_layers']}/{c['layers']} layers |")
-    return "\n".join(lines)
-
-
 def run(args) -> int:
     device = torch.device(args.device)  # checked by bench/command.py (run)
     check_model_run_flags(args)  # --repeat, --threads, --sketch-dim
@@ -321,10 +285,12 @@ def run(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     gram_methods = [m.strip() for m in args.gram_methods.split(",") if m.strip()]
     compiled_methods = [m.strip() for m in args.compiled_methods.split(",") if m.strip()]
-    unknown = sorted(set(methods + gram_methods + shape_methods + compiled_methods) - set(METHODS))
+    unknown = sorted(set(methods + gram_methods + shape_methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"--methods/--gram-methods/--shape-methods/--compiled-methods: unknown {unknown}; choose "
-                         f"from {sorted(METHODS)}")
+        raise ValueError(f"--methods/--gram-methods/--shape-methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    if not set(compiled_methods) <= set(QP_METHODS):  # only these have a QP for the compiled solver to compile
+        raise ValueError(f"--compiled-methods: {sorted(set(compiled_methods) - set(QP_METHODS))} has no QP to "
+                         f"compile; choose from {list(QP_METHODS)}")
     configs = [(m, "ghost") for m in methods] + [(m + COMPILED, "ghost") for m in compiled_methods] + [
         (m, g) for g in ENGINES[1:] for m in gram_methods]
     first = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
@@ -347,38 +313,7 @@ def run(args) -> int:
     for r in rows + shape_rows:  # seconds at the floor of each row's step
         r["floor"] = phase_floors(r["counts"], r["n"], r["m"], r["T"], rates)["standard" if r["method"] == "standard"
                                                                                 else "dr"]
-    c = model.config
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    header = [
-        "# drpt bench step", "",
-        f"- date: {datetime.date.today().isoformat()}; device: {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no GPU in this run)"),
-        f"- machine: {cpu_name()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}; load average (1 / 5 / 15 min) "
-        f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load)}",
-        f"- model: random GPT-2 of the shape of {args.model} (n_layer {c.n_layer}, n_embd {c.n_embd}, n_head "
-        f"{c.n_head}, vocab {c.vocab_size}, n_positions {c.n_positions}); synthetic SFT rows of T tokens, loss on "
-        f"the second half; m = {args.m_target} target units; AdamW (fused, training/optimizer.py); batched solver; "
-        "default knobs",
-        f"- median of {args.repeat} runs after a warm-up, freed host memory kept mapped as in drpt train "
-        "(training/host_memory.py); peak MB in one more untimed run = "
-        + ("torch.cuda.max_memory_allocated over the step" if device.type == "cuda" else
-           "peak resident set over the step (VmHWM after /proc/self/clear_refs, freed blocks unmapped in that run), "
-           "a process-level measure"),
-        "- standard = forward/backward of the mean general loss + optimizer (no capture, no target batch); the "
-        "Dr phases are dr_step's: capture (fwd+bwd over n + m units), Gram, solve, update (assembly + optimizer)"
-        + ("; on CUDA every phase boundary is synchronized (dr_step's phase_clock)" if device.type == "cuda" else ""),
-    ]
-    if shapes:
-        header.append(f"- shapes: {', '.join(shapes)}, random weights from their published configs "
-                      f"(experiments/bench/shapes.py), cut to {args.layers or 'all'} decoder blocks; methods "
-                      f"{', '.join(shape_methods)} (ghost Gram)")
-    compiled_rows = [r for r in rows if r["method"].endswith(COMPILED)]
-    if compiled_rows:
-        header.append("- rows 'METHOD (compiled)': dr_step with solver='compiled' (the sync-free QP one torch.compile "
-                      "graph, batched/compiled.py); their warm-up step, with the compile, took "
-                      + ", ".join(f"{r['warm_s']:.0f} s (n = {r['n']}, T = {r['T']}, m = {r['m']})"
-                                  for r in compiled_rows))
+    header = header_lines(args, device, model.config, shapes, shape_methods, load_start, rows)
     table = render(rows, cross, header)
     table += "\n\n## Measured over the FLOP floor, per phase (theory/step_cost.md)\n\n" + "\n".join(
         floor_table([r for r in rows + shape_rows if r["engine"] in ("-", "ghost")], rates))
