@@ -11,7 +11,9 @@ What is compared how (drpt_ref/batched/compiled.py):
 * the Dot2 residual and the input checks are the eager functions compiled with IEEE semantics kept: bitwise;
 * the certificate of given weights, computed with the compiled residual: bitwise;
 * a whole solve: the scout iteration's reductions may be reordered by the compiler, so the path differs by
-  round-off; both answers are certified, so they must agree to the solver's accuracy, AGREE below.
+  round-off; both answers are certified, so they must agree to the solver's accuracy, AGREE below;
+* the whole sync-free QP as one graph (sync_free=True): the eager solve_qp must not run, and the objectives agree
+  where both certify (AGREE in float64, 1e-5 of the problem's size in float32).
 """
 
 from __future__ import annotations

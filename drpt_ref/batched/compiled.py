@@ -22,8 +22,8 @@ function itself, handed to torch.compile, so the eager code stays the one defini
                  one 16 x 16 capped simplex problem: 15 ms eager, 2.4 ms compiled on one CPU core, a one-off
                  measurement), every one a kernel launch on a GPU. Its path differs from eager by round-off, like
                  the scout's; the caller certifies the answer on (K, b, c) as given (batched/solve.py), as for the
-                 eager one. The graph is large: compiling it took 101-121 s on a 2-core CPU with an empty Inductor
-                 cache (5-10 s in a later process, from its on-disk cache), so on a CPU it pays only on long runs;
+                 eager one. The graph is large: compiling it took 101-110 s per n on a 2-core CPU with an empty
+                 Inductor cache (5 s in a later process, from its on-disk cache), so on a CPU it pays only on long runs;
                  it is meant for a GPU (untested: no GPU was lent).
 
 On CUDA the kernels use CUDA graphs (the option mode="reduce-overhead" sets; their outputs are cloned, as a replay

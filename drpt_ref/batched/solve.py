@@ -152,7 +152,7 @@ def project_batched(K, b, c, method: str, *, max_iter=None, tol=None, trace=Fals
     if not isinstance(compiled, bool):  # a truthy string ("False") would otherwise compile
         raise ValueError(f"compiled={compiled!r} must be True (torch.compile'd kernels) or False (the eager "
                          "reference).")
-    # the four kernels compiled.py compiles for every call: the eager ones (the reference), or their compiled copies
+    # the checks, the scout step and the two Dot2 residuals: the eager ones (the reference) or compiled.py's copies
     flags_fn, scout_step, residual, objective_residual = cheap_flags, fista_step, accurate_residual, accurate_residual
     whole_qp = None  # sync-free and compiled: the QP's whole schedule as one compiled graph (compiled.py)
     if compiled:  # imported here: torch.compile's machinery loads only when asked for

@@ -289,8 +289,8 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"--methods/--gram-methods/--shape-methods: unknown {unknown}; choose from {sorted(METHODS)}")
     if not set(compiled_methods) <= set(QP_METHODS):  # only these have a QP for the compiled solver to compile
-        raise ValueError(f"--compiled-methods: {sorted(set(compiled_methods) - set(QP_METHODS))} has no QP to "
-                         f"compile; choose from {list(QP_METHODS)}")
+        raise ValueError(f"--compiled-methods: {sorted(set(compiled_methods) - set(QP_METHODS))} is not a method with "
+                         f"a QP to compile; choose from {list(QP_METHODS)}")
     configs = [(m, "ghost") for m in methods] + [(m + COMPILED, "ghost") for m in compiled_methods] + [
         (m, g) for g in ENGINES[1:] for m in gram_methods]
     first = machine_rates(device)  # the floor's FLOP/s and bytes/s, measured now (experiments/bench/floor.py)
