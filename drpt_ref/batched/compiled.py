@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from drpt_ref.batched.checks import cheap_flags
-from drpt_ref.batched.qp import QPResult, fista_step, solve_qp
+from drpt_ref.batched.qp import QPResult, certificate_kind, fista_step, solve_qp
 from drpt_ref.core.certificate import accurate_residual
 
 
@@ -129,11 +129,10 @@ class _SyncFreeQP:
 
     def __call__(self, K, b, c, cap, uncapped: bool, max_iter: int, tol: float) -> QPResult:
         if cap is None:
-            out, kind = self.cone(K, b, c, max_iter, tol), "kkt_residual_jacobi_scaled"
+            out = self.cone(K, b, c, max_iter, tol)
         else:
             out = (self.simplex if uncapped else self.capped)(K, b, c, cap, max_iter, tol)
-            kind = "frank_wolfe_gap_scaled"
-        return QPResult(*out, kind)
+        return QPResult(*out, certificate_kind(cap))
 
 
 class _ScoutStep:
@@ -188,6 +187,7 @@ class Kernels:
     flags: Callable
     scout_step: Callable
     sync_free_qp: Callable  # a _SyncFreeQP
+    guarded: tuple  # every _Guarded kernel above, for failed_kernels
 
 
 def _build(device_type: str, backend="inductor") -> Kernels:
@@ -202,10 +202,10 @@ def _build(device_type: str, backend="inductor") -> Kernels:
              ("fista_step (capped simplex)", _scout_capped), ("fista_step (cone)", _scout_cone),
              ("solve_qp sync-free (simplex)", _qp_simplex), ("solve_qp sync-free (capped simplex)", _qp_capped),
              ("solve_qp sync-free (cone)", _qp_cone))
-    residual, objective, flags, simplex, capped, cone, qp_simplex, qp_capped, qp_cone = (
-        _Guarded(name, fn, torch.compile(fn, **opts), clone=cuda) for name, fn in named)
+    guarded = tuple(_Guarded(name, fn, torch.compile(fn, **opts), clone=cuda) for name, fn in named)
+    residual, objective, flags, simplex, capped, cone, qp_simplex, qp_capped, qp_cone = guarded
     return Kernels(residual, objective, flags, _ScoutStep(simplex, capped, cone),
-                   _SyncFreeQP(qp_simplex, qp_capped, qp_cone))
+                   _SyncFreeQP(qp_simplex, qp_capped, qp_cone), guarded)
 
 
 # torch.compile is lazy: these wrappers compile on their first call (per shape and dtype), and keep the result in
@@ -216,10 +216,7 @@ _CUDA = _build("cuda")
 
 def failed_kernels(kernels: Kernels) -> list[str]:
     """The names of the kernels whose compilation failed (they run eager from then on, in this process)."""
-    guarded = (kernels.residual, kernels.objective_residual, kernels.flags, kernels.scout_step.simplex,
-               kernels.scout_step.capped, kernels.scout_step.cone, kernels.sync_free_qp.simplex,
-               kernels.sync_free_qp.capped, kernels.sync_free_qp.cone)
-    return [g.name for g in guarded if g.failed]
+    return [g.name for g in kernels.guarded if g.failed]
 
 
 def compiled_kernels(device: torch.device | str, backend=None) -> Kernels:

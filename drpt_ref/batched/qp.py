@@ -60,6 +60,12 @@ SCOUT_DTYPE = {torch.float64: torch.float32}
 SYNC_FREE_POLISH_STEPS = 3
 
 
+def certificate_kind(cap) -> str:
+    """The kind of eq. (13)'s certificate: the scaled Frank-Wolfe gap on the simplex sets, the KKT residual on the
+    cone (cap None)."""
+    return "kkt_residual_jacobi_scaled" if cap is None else "frank_wolfe_gap_scaled"
+
+
 @dataclass
 class QPResult:
     w: torch.Tensor  # (B, n)
@@ -249,6 +255,5 @@ def solve_qp(K, b, cap=None, *, c=None, max_iter=None, tol=None, check_every=CHE
         w = project_capped_simplex(w, cap)  # moves w by ~ its infeasibility, so f by <= ||g|| * that
     else:
         w = w.clamp_min(0.0)
-    kind = "kkt_residual_jacobi_scaled" if cap is None else "frank_wolfe_gap_scaled"
     hist = torch.stack(history) if trace and history else None
-    return QPResult(w, cert_out, cert_out <= tol, iters_out, kind, hist)
+    return QPResult(w, cert_out, cert_out <= tol, iters_out, certificate_kind(cap), hist)

@@ -64,6 +64,7 @@ from drpt_ref.training.rep_features import last_hidden_states
 # batched: project_batched, eager; compiled: the same with its sync-free QP compiled whole (batched/compiled.py: minutes
 # of compilation on a CPU, once per process and shape, for a solve launched as one graph); exact, cvxpy: per problem
 SOLVERS = ("batched", "compiled", "exact", "cvxpy")
+BATCHED = ("batched", "compiled")  # the solvers of project_batched: sync-free in the step, re-solved where they miss
 GRAMS = ("ghost", "exact", "sketch")
 PHASES = ("forward_backward", "gram", "solve", "update")  # the timed parts of a step
 
@@ -106,7 +107,7 @@ def solve(K, b, c, method: str, params: dict, solver: str, sync_free: bool = Fal
     Solved in K's dtype (float32 or float64), autocast off even inside a caller's autocast (theory/precision.md).
     sync_free (batched, compiled): no host read inside, no repair; the caller reads `converged` (theory/step_cost.md,
     sec. 4). compiled: project_batched(compiled=True), the sync-free QP as one compiled graph (batched/compiled.py)."""
-    if solver in ("batched", "compiled"):
+    if solver in BATCHED:
         with no_autocast(K):
             d = project_batched(K, b, c, method, sync_free=sync_free, compiled=solver == "compiled", **params)
         return d.alpha, d.weights, d.objective, d.info["converged"]
@@ -296,7 +297,7 @@ def dr_step(model, optimizer, unit_loss, general, target, method: str, knobs: Kn
     # the step's one host read, before anything is written: the deferred checks, the losses and the solution
     losses, n = (G.info["losses"], G.info["n"]) if ranks is not None else (cap.losses, general.num_units)
     got = read(losses[:n].mean(), losses[n:].mean(), objective, alpha, w, converged, c)
-    if rule is None and solver in ("batched", "compiled") and not all(got[5]):  # the sync-free schedule missed
+    if rule is None and solver in BATCHED and not all(got[5]):  # the sync-free schedule missed: the full solve
         alpha, w, objective, converged = solve(K, b, c, method, method_params(method, knobs, K, b, c), solver)
         if ranks is not None:
             alpha, w, objective, converged = broadcast_solution(ranks, alpha, w, objective, converged)
